@@ -1,0 +1,57 @@
+"""The `ehr-prs` command line: one console script, one subcommand per stage of DESIGN.md.
+
+    ehr-prs simulate --out runs/cohort --subjects 20000
+    ehr-prs --help
+
+Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
+`run(args)`. Modules are imported only when their subcommand runs, so `ehr-prs --help`
+stays fast and a heavy import (torch) is paid only by the stages that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from modeling_ehr_prs.errors import InputError
+
+# subcommand -> (module, one-line help). Add a line here when a stage lands.
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ehr-prs",
+        description="EHR foundation model with polygenic risk scores (arXiv 2510.23639).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        # add_arguments is imported lazily only for the chosen command (see main).
+        p.set_defaults(_module=module_name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # First pass: find the command, then let its module declare its own flags.
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        sub_parser = argparse.ArgumentParser(prog=f"ehr-prs {argv[0]}", description=COMMANDS[argv[0]][1])
+        module.add_arguments(sub_parser)
+        args = sub_parser.parse_args(argv[1:])
+        try:
+            module.run(args)
+        except InputError as err:
+            print(f"ehr-prs {argv[0]}: error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    parser.parse_args(argv)  # prints help / the error for an unknown command
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""MEDS events -> token sequences, and the HF tokenizer that saves with the model."""
