@@ -4,7 +4,8 @@
     ehr-prs --help
 
 Each subcommand lives in its own module, which exposes `add_arguments(parser)` and
-`run(args)`. Modules are imported only when their subcommand runs, so `ehr-prs --help`
+`run(args)`, or `main(argv) -> int` when the module parses its own flags (the recipes
+train.py and finetune.py, whose flags are dataclasses for HfArgumentParser). Modules are imported only when their subcommand runs, so `ehr-prs --help`
 stays fast and a heavy import (torch) is paid only by the stages that need it.
 """
 
@@ -18,6 +19,7 @@ from modeling_ehr_prs.errors import InputError
 
 # subcommand -> (module, one-line help). Add a line here when a stage lands.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
 }
 
 
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     # First pass: find the command, then let its module declare its own flags.
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
+        if hasattr(module, "main") and not hasattr(module, "add_arguments"):
+            return module.main(argv[1:])
         sub_parser = argparse.ArgumentParser(prog=f"ehr-prs {argv[0]}", description=COMMANDS[argv[0]][1])
         module.add_arguments(sub_parser)
         args = sub_parser.parse_args(argv[1:])
