@@ -19,6 +19,8 @@ from modeling_ehr_prs.errors import InputError
 
 # subcommand -> (module, one-line help). Add a line here when a stage lands.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": ("modeling_ehr_prs.simulate", "simulated All-of-Us-like cohort (MEDS, PRS, labels, true risks)"),
+    "tokenize": ("tokenizer.cli", "MEDS (+ PRS) -> tokenizer and one token dataset per split"),
     "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
 }
 
