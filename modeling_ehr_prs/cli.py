@@ -21,6 +21,8 @@ from modeling_ehr_prs.errors import InputError
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("modeling_ehr_prs.simulate", "simulated All-of-Us-like cohort (MEDS, PRS, labels, true risks)"),
     "tokenize": ("tokenizer.cli", "MEDS (+ PRS) -> tokenizer and one token dataset per split"),
+    "pretrain": ("train", "pretrain the causal LM (+ genomic adapter) on tokenized data; same flags as train.py"),
+    "risk": ("modeling_ehr_prs.risk", "zero-shot risk of target codes within a horizon, from sampled futures"),
     "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
 }
 

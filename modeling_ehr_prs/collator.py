@@ -1,0 +1,60 @@
+"""Batches of tokenized subjects for the causal LM: pad, mask, and carry the PRS through.
+
+Rows come from `ehr-prs tokenize` datasets: `input_ids` (list of int), `prs` (list of float,
+standardised; length n_prs, may be empty for EHR-only data) and `prs_mask` (bool: genotyped).
+Padding is on the right for training (positions then start at 0 for every row) and the loss
+ignores pads through `labels == -100`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class EhrPrsCollator:
+    """Pad `input_ids` to the longest row (or `max_length`), build labels and stack the PRS.
+
+    Rows longer than `max_length` keep their *last* `max_length` tokens: the most recent
+    history predicts best, and the tokenizer already cut histories at its own max length.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = 8
+    with_labels: bool = True
+    # For classification: take `labels` from this row column (e.g. "boolean_value") instead
+    # of the next-token targets.
+    label_column: str | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [list(r["input_ids"]) for r in rows]
+        if self.max_length is not None:
+            ids = [x[-self.max_length :] for x in ids]
+        width = max(len(x) for x in ids)
+        if self.pad_to_multiple_of:
+            m = self.pad_to_multiple_of
+            width = ((width + m - 1) // m) * m
+            if self.max_length is not None:
+                width = min(width, max(self.max_length, max(len(x) for x in ids)))
+        input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)  # (batch, seq)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)  # (batch, seq)
+        for i, x in enumerate(ids):
+            input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            attention_mask[i, : len(x)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.label_column is not None:
+            batch["labels"] = torch.tensor([float(r[self.label_column]) for r in rows])  # (batch,)
+        elif self.with_labels:
+            batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+        if "prs" in rows[0]:
+            prs = torch.tensor([list(r["prs"]) for r in rows], dtype=torch.float32)  # (batch, n_prs)
+            prs_mask = torch.tensor([bool(r["prs_mask"]) for r in rows], dtype=torch.bool)  # (batch,)
+            # A row that is not genotyped carries no score values at all: zero them so nothing
+            # downstream can read a stale vector; the model uses prs_mask, not these zeros.
+            prs[~prs_mask] = 0.0
+            batch["prs"], batch["prs_mask"] = prs, prs_mask
+        return batch

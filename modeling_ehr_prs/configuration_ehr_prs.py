@@ -1,0 +1,183 @@
+"""EhrPrsConfig: the decoder's dimensions plus how (and whether) it reads polygenic risk scores.
+
+This file imports only torch/transformers so it can travel with a checkpoint as hub remote code
+(`trust_remote_code=True`). Presets (`EhrPrsConfig.from_preset("tiny" | "small" | "paper")`) fix
+the architecture; the vocabulary size and the number of scores come from the data:
+
+    config = EhrPrsConfig.from_preset("small", vocab_size=len(tokenizer), n_prs=3481, prs_fusion="prefix")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+PRS_FUSIONS = ("none", "prefix", "cross_attention")
+
+# Architecture presets. Sizes are counted for vocab_size=1024 and no PRS (see tests/test_modeling.py).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: ~0.1 M parameters, runs in milliseconds.
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, prs_tokens=4, prs_adapter_hidden_size=32,
+    ),
+    # CPU pretraining on 2 cores: ~2.6 M non-embedding parameters (4 x 655 k), head_dim 64.
+    "small": dict(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=1024, prs_tokens=10, prs_adapter_hidden_size=128,
+    ),
+    # The paper's model: hidden 960, 12 layers, 8 heads, context 2,048, 3,481 PGS Catalog scores.
+    "paper": dict(
+        vocab_size=32768, hidden_size=960, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=2048, prs_tokens=10, prs_adapter_hidden_size=512,
+        n_prs=3481,
+    ),
+}
+
+
+class EhrPrsConfig(PretrainedConfig):
+    r"""Configuration of `EhrPrsForCausalLM` / `EhrPrsForSequenceClassification`.
+
+    Decoder (standard Hugging Face names; a Llama-style pre-norm decoder):
+        vocab_size (int): number of tokens (the tokenizer's vocabulary, specials included).
+        hidden_size (int): width of the residual stream.
+        intermediate_size (int): width of the SwiGLU MLP.
+        num_hidden_layers (int): number of decoder layers.
+        num_attention_heads (int): query heads; must divide `hidden_size`.
+        num_key_value_heads (int | None): key/value heads (grouped-query attention); must divide
+            `num_attention_heads`. None = `num_attention_heads` (plain multi-head attention).
+        max_position_embeddings (int): longest sequence the model is meant for, the PRS prefix
+            (`prs_tokens` in prefix mode) included. Rotary positions do not enforce it.
+        rms_norm_eps (float): epsilon of the RMSNorms.
+        rope_parameters (dict | None): transformers-5 RoPE convention, e.g. {"rope_type": "default",
+            "rope_theta": 10000.0}; passing `rope_theta=` is accepted and converted. Only "default"
+            RoPE is implemented.
+        initializer_range (float): std of the normal initialisation of linear and embedding weights.
+        use_cache (bool): return a KV cache from forward in eval mode by default.
+        tie_word_embeddings (bool): share the input embedding matrix with the LM head (default True).
+        pad_token_id / bos_token_id / eos_token_id (int | None): special token ids (set them from the
+            tokenizer). Padded positions must also be 0 in `attention_mask`.
+
+    Genomic adapter:
+        n_prs (int): number of polygenic risk scores per subject (columns of the PRS table; the paper
+            uses 3,481). 0 = an EHR-only dataset: every subject gets the learned "no genotype" tokens.
+        prs_fusion (str): how the PRS reach the decoder, one of "none" (EHR-only baseline: no adapter
+            at all), "prefix" (the adapter's `prs_tokens` embeddings sit before the event tokens as a
+            soft prompt) or "cross_attention" (the adapter's tokens are a memory that the layers in
+            `prs_cross_attention_layers` read through tanh-gated cross-attention, gate initialised at
+            0 so an EHR-only checkpoint extended this way gives identical outputs before training).
+        prs_tokens (int): number of embedding vectors the adapter makes from one PRS vector (paper: 10).
+        prs_adapter_hidden_size (int): hidden width of the adapter MLP (n_prs -> this -> prs_tokens x
+            hidden_size).
+        prs_cross_attention_layers (list[int] | None): decoder layer indices that get a gated
+            cross-attention block. None = every other layer starting at 0 ([0, 2, 4, ...]); the
+            resolved list is what gets saved. Used only when prs_fusion == "cross_attention".
+        prs_dropout (float): probability, in training mode only, of hiding a genotyped subject's PRS
+            (replacing them by the "no genotype" tokens), so one model serves genotyped and
+            non-genotyped people. 0 disables it.
+
+    Every value is checked when the config is built, when a model is built from it and when it is
+    saved: a wrong value raises ValueError naming the field and what is allowed.
+    """
+
+    model_type = "ehr_prs"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 512
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_parameters: dict | None = None
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    n_prs: int = 0
+    prs_fusion: str = "none"
+    prs_tokens: int = 10
+    prs_adapter_hidden_size: int = 256
+    prs_cross_attention_layers: list[int] | None = None
+    prs_dropout: float = 0.1
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.prs_cross_attention_layers is None and isinstance(self.num_hidden_layers, int):
+            self.prs_cross_attention_layers = list(range(0, self.num_hidden_layers, 2))
+        if self.rope_parameters is None and "rope_theta" not in kwargs:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        super().__post_init__(**kwargs)  # converts a legacy `rope_theta=` into rope_parameters
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "EhrPrsConfig":
+        """Build a config from a named preset in PRESETS, with field overrides (e.g. vocab_size, n_prs)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def validate(self) -> None:
+        """Check every field (transformers 5 configs accept wrong types silently, so we do it here)."""
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "prs_tokens", "prs_adapter_hidden_size")
+        for name in positive:
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("n_prs", self.n_prs, minimum=0)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, minimum=0)
+                if value >= self.vocab_size:
+                    raise ValueError(f"{name}={value} is outside the vocabulary: must be in [0, {self.vocab_size - 1}]")
+        for name in ("rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if isinstance(self.prs_dropout, bool) or not isinstance(self.prs_dropout, (int, float)) \
+                or not 0.0 <= self.prs_dropout <= 1.0:
+            raise ValueError(f"prs_dropout must be a probability in [0, 1], got {self.prs_dropout!r}")
+        if self.prs_fusion not in PRS_FUSIONS:
+            raise ValueError(f"prs_fusion must be one of {list(PRS_FUSIONS)}, got {self.prs_fusion!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"hidden_size / num_attention_heads = {self.head_dim} must be even for rotary positions")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                             f"({self.num_attention_heads})")
+        layers = self.prs_cross_attention_layers
+        if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise ValueError(f"prs_cross_attention_layers must be a list of layer indices, got {layers!r}")
+        bad = [i for i in layers if not 0 <= i < self.num_hidden_layers]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(f"prs_cross_attention_layers={list(layers)}: indices must be distinct and in "
+                             f"[0, {self.num_hidden_layers - 1}] (num_hidden_layers={self.num_hidden_layers})")
+        if self.prs_fusion == "cross_attention" and not layers:
+            raise ValueError("prs_fusion='cross_attention' needs at least one index in prs_cross_attention_layers")
+        rope = self.rope_parameters or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_parameters['rope_type'] must be 'default', got {rope.get('rope_type')!r}")
+        theta = rope.get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+            raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+__all__ = ["EhrPrsConfig", "PRESETS", "PRS_FUSIONS"]

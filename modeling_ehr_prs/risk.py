@@ -1,0 +1,280 @@
+"""Zero-shot risk from the generative model: sample futures, read the probability of target codes.
+
+    ehr-prs risk --model runs/ehr_prefix --meds runs/cohort/meds --prs runs/cohort/prs.parquet \
+        --labels runs/cohort/labels/t2d.parquet --codes 'ICD10CM/E11*' --horizon-days 730 \
+        --method path --samples 16 --out runs/pred/t2d_prefix.parquet
+
+For each label row the prompt is the subject's history up to `prediction_time` (built by
+`tokenizer.inputs_at_prediction_times`, the one place that enforces no leakage). K futures are
+sampled per prompt, batched across subjects, with a KV cache: the prompt is encoded once per
+subject and its cache repeated K times. A path stops when the days of its *generated* time
+tokens pass the horizon (the prompt's own time tokens never count), at end-of-record or death,
+or after `max_new_tokens`. Three estimators of P(target code within the horizon), all from the
+raw next-token distribution (never a top-k / top-p / temperature-warped one):
+
+- `mc`:       sample from the raw distribution; a path scores 1 if it emits a target code.
+- `path`:     the paper's: along a raw-sampled path, h_t = probability mass on the target codes
+              at step t; the path scores 1 - prod_t (1 - h_t). Lower variance than `mc`, but it is
+              not unbiased: the path keeps running after a target code would have happened.
+- `survival`: sample with the target codes masked out and weight the path by prod_t (1 - h_t):
+              an unbiased importance-sampling estimate of P(no event), so 1 - mean is unbiased
+              for the risk, with far less variance than `mc` at the same K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from modeling_ehr_prs.errors import InputError
+
+METHODS = ("path", "mc", "survival")
+DEATH_CODE = "MEDS_DEATH"
+
+
+@dataclass
+class RiskScores:
+    """Per label row: the risk estimate, its Monte Carlo standard error and per-path values."""
+
+    probability: np.ndarray  # (rows,)
+    stderr: np.ndarray  # (rows,) standard error of the mean over the K paths
+    path_values: np.ndarray  # (rows, K): each path's own estimate of the risk
+    truncated_paths: int  # paths that hit max_new_tokens before the horizon
+    generated_tokens: int
+
+
+@torch.no_grad()
+def sample_risk(
+    model,
+    prompts: list[list[int]],
+    target_ids: list[int],
+    token_days: torch.Tensor,
+    horizon_days: float,
+    method: str = "path",
+    samples: int = 16,
+    prs: torch.Tensor | None = None,
+    prs_mask: torch.Tensor | None = None,
+    stop_ids: list[int] | tuple[int, ...] = (),
+    pad_token_id: int = 0,
+    max_new_tokens: int = 256,
+    paths_per_batch: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> RiskScores:
+    """Risk of any `target_ids` token within `horizon_days` of generated time, for each prompt.
+
+    prompts: token-id lists (one per label row); token_days: (vocab,) days each token advances the
+    clock (0 for non-time tokens); prs (rows, n_prs) and prs_mask (rows,) when the model reads PRS.
+    """
+    if method not in METHODS:
+        raise InputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if horizon_days <= 0:
+        raise InputError(f"--horizon-days must be > 0, got {horizon_days}")
+    if not target_ids:
+        raise InputError("no target token ids to score")
+    device = next(model.parameters()).device
+    rows, k = len(prompts), samples
+    values = np.zeros((rows, k), dtype=np.float64)
+    truncated = generated = 0
+    generator = torch.Generator(device=device).manual_seed(seed)
+    target = torch.tensor(sorted(set(target_ids)), device=device)
+    stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+    token_days = token_days.to(device=device, dtype=torch.float32)
+
+    # Similar lengths together keep left padding small; results go back to the input order.
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    per_batch = max(1, paths_per_batch // k)
+    bar = tqdm(total=rows, desc=f"risk ({method}, K={k})", unit="row", disable=not progress)
+    for start in range(0, rows, per_batch):
+        idx = order[start : start + per_batch]
+        batch_values, batch_truncated, batch_generated = _sample_batch(
+            model, [prompts[i] for i in idx], target, stops, token_days, horizon_days, method, k,
+            None if prs is None else prs[idx].to(device), None if prs_mask is None else prs_mask[idx].to(device),
+            pad_token_id, max_new_tokens, generator, device,
+        )
+        values[idx] = batch_values
+        truncated += batch_truncated
+        generated += batch_generated
+        bar.update(len(idx))
+    bar.close()
+    probability = values.mean(axis=1)
+    stderr = values.std(axis=1, ddof=1) / math.sqrt(k) if k > 1 else np.full(rows, np.nan)
+    return RiskScores(probability, stderr, values, truncated, generated)
+
+
+def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)  # (b, s)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)  # (b, s)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k, prs, prs_mask,
+                  pad_token_id, max_new_tokens, generator, device):
+    """Sample k paths for each of b prompts; returns (b, k) path values, truncated and generated counts."""
+    ids, mask = _left_pad(prompts, pad_token_id, device)  # (b, s)
+    b = ids.shape[0]
+    out = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    # Encode each prompt once, then give every path its own copy of the cache.
+    cache.batch_repeat_interleave(k)
+    logits = out.logits[:, -1].float().repeat_interleave(k, dim=0)  # (n, vocab), n = b * k
+    mask = mask.repeat_interleave(k, dim=0)  # (n, s)
+    n = b * k
+    live = torch.arange(n, device=device)  # global path index of each row still in the cache
+    elapsed = torch.zeros(n, device=device)  # generated days so far, per live row
+    log_survival = torch.zeros(n, dtype=torch.float64, device=device)  # sum log(1 - h_t), per path
+    event = torch.zeros(n, dtype=torch.bool, device=device)
+    generated = 0
+    for _ in range(max_new_tokens):
+        logp = torch.log_softmax(logits, dim=-1)  # raw next-token distribution, (live, vocab)
+        if method in ("path", "survival"):
+            h = torch.logsumexp(logp[:, target], dim=-1).exp().clamp(max=1 - 1e-12)  # (live,)
+            log_survival[live] += torch.log1p(-h.double())
+        if method == "survival":
+            logp = logp.index_fill(1, target, float("-inf"))  # sample the no-event world
+        next_ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (live,)
+        generated += next_ids.numel()
+        elapsed = elapsed + token_days[next_ids]
+        finished = elapsed > horizon
+        if stops.numel():
+            finished |= torch.isin(next_ids, stops)
+        if method == "mc":
+            hit = torch.isin(next_ids, target)
+            event[live[hit]] = True
+            finished |= hit
+        keep = (~finished).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            live = live[:0]
+            break
+        if keep.numel() < live.numel():  # drop finished paths from the batch and the cache
+            cache.batch_select_indices(keep)
+            live, elapsed, mask, next_ids = live[keep], elapsed[keep], mask[keep], next_ids[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (live, s + t)
+        out = model(input_ids=next_ids[:, None], attention_mask=mask, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1].float()
+    truncated = int(live.numel())
+    if method == "mc":
+        values = event.double()
+    elif method == "path":
+        values = 1.0 - log_survival.exp()
+    else:  # survival: each path's unbiased estimate of the risk is 1 - its weight
+        values = 1.0 - log_survival.exp()
+    return values.view(b, k).cpu().numpy(), truncated, generated
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="folder written by `ehr-prs pretrain`")
+    parser.add_argument("--meds", required=True, help="MEDS dataset root (the prompts' histories)")
+    parser.add_argument("--prs", help="PRS table (parquet/CSV); without it every subject counts as not genotyped")
+    parser.add_argument("--labels", required=True, help="MEDS labels (subject_id, prediction_time, boolean_value)")
+    parser.add_argument("--codes", nargs="+", required=True,
+                        help="target codes; a code ending in * is a prefix (ICD10CM/E11*)")
+    parser.add_argument("--horizon-days", type=float, required=True, help="risk window after prediction_time")
+    parser.add_argument("--out", required=True, help="output parquet in the MEDS prediction schema")
+    parser.add_argument("--split", default="held_out", help="which split's labels to score (default held_out)")
+    parser.add_argument("--method", default="path", choices=METHODS, help="estimator (default path, the paper's)")
+    parser.add_argument("--samples", type=int, default=16, help="sampled futures per label row (K)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="cap on generated tokens per path")
+    parser.add_argument("--paths-per-batch", type=int, default=256, help="paths sampled together (rows x K)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--limit", type=int, help="score only the first N label rows of the split")
+
+
+def load_model_and_tokenizer(model_dir: str | Path):
+    """The causal LM, its tokenizer and PRS standardiser (None if the model was trained without PRS)."""
+    from transformers import AutoModelForCausalLM
+
+    import modeling_ehr_prs  # noqa: F401  (Auto registration)
+    from tokenizer import EhrTokenizer, PrsStandardizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise InputError(f"--model {model_dir}: no config.json; expected a folder written by `ehr-prs pretrain`")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    model.eval()
+    tokenizer = EhrTokenizer.from_pretrained(str(model_dir))
+    standardizer = None
+    if (model_dir / "prs_standardizer.json").exists():
+        standardizer = PrsStandardizer.load(str(model_dir))
+    return model, tokenizer, standardizer
+
+
+def run(args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from modeling_ehr_prs.errors import atomic_output_file
+    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
+    from tokenizer import inputs_at_prediction_times
+
+    if args.horizon_days <= 0:
+        raise InputError(f"--horizon-days must be > 0, got {args.horizon_days}")
+    if args.samples < 1:
+        raise InputError(f"--samples must be >= 1, got {args.samples}")
+    model, tokenizer, standardizer = load_model_and_tokenizer(args.model)
+    target_ids = tokenizer.code_token_ids(args.codes)
+    meds = read_meds_dataset(args.meds)
+    prs = read_prs_table(args.prs) if args.prs else None
+    if prs is not None and standardizer is None:
+        raise InputError(
+            f"--prs was given but {args.model} has no prs_standardizer.json: the model was trained without "
+            "PRS (drop --prs) or its folder is incomplete (copy the tokenizer's prs_standardizer.json into it)"
+        )
+    if model.config.n_prs and standardizer is not None and standardizer.n_prs != model.config.n_prs:
+        raise InputError(f"{args.model}: PRS standardiser has {standardizer.n_prs} columns, model expects {model.config.n_prs}")
+    labels = read_labels(args.labels)
+    split_ids = meds.subject_splits.filter(pl.col("split") == args.split).get_column("subject_id")
+    if args.split not in meds.splits:
+        raise InputError(f"--split {args.split!r}: {args.meds} has splits {meds.splits}")
+    labels = labels.filter(pl.col("subject_id").is_in(split_ids.implode()))
+    if args.limit:
+        labels = labels.head(args.limit)
+    if labels.height == 0:
+        raise InputError(f"{args.labels}: no label rows for subjects in split {args.split!r}")
+    prefix = model.config.prs_tokens if model.config.prs_fusion == "prefix" else 0
+    max_prompt = max(16, model.config.max_position_embeddings - prefix - args.max_new_tokens)
+    data = inputs_at_prediction_times(meds, labels, tokenizer, standardizer if prs is not None else None, prs,
+                                      split=args.split, max_length=max_prompt)
+    prompts = [list(x) for x in data["input_ids"]]
+    prs_t = prs_mask_t = None
+    if model.config.n_prs:
+        prs_t = torch.tensor(np.asarray(data["prs"], dtype=np.float32))  # (rows, n_prs)
+        prs_mask_t = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))  # (rows,)
+        if prs_t.ndim != 2 or prs_t.shape[1] != model.config.n_prs:
+            prs_t = torch.zeros(len(prompts), model.config.n_prs)
+            prs_mask_t = torch.zeros(len(prompts), dtype=torch.bool)
+    stop_ids = [tokenizer.eos_token_id]
+    if DEATH_CODE in tokenizer.get_vocab():
+        stop_ids.append(tokenizer.get_vocab()[DEATH_CODE])
+    scores = sample_risk(
+        model, prompts, target_ids, torch.tensor(tokenizer.token_days), args.horizon_days, args.method,
+        args.samples, prs_t, prs_mask_t, stop_ids, tokenizer.pad_token_id, args.max_new_tokens,
+        args.paths_per_batch, args.seed,
+    )
+    frame = pl.DataFrame({
+        "subject_id": np.asarray(data["subject_id"], dtype=np.int64),
+        "prediction_time": data.with_format("arrow")["prediction_time"],
+        "boolean_value": np.asarray(data["boolean_value"], dtype=bool),
+        "predicted_boolean_probability": scores.probability.astype(np.float32),
+    })
+    with atomic_output_file(args.out) as tmp:
+        frame.write_parquet(tmp)
+    if scores.truncated_paths:
+        print(f"note: {scores.truncated_paths} of {len(prompts) * args.samples} paths reached --max-new-tokens "
+              f"{args.max_new_tokens} before the horizon (their risk counts only what they generated)", file=sys.stderr)
+    print(f"wrote {args.out}: {frame.height} rows, method {args.method}, K={args.samples}, "
+          f"mean risk {frame['predicted_boolean_probability'].mean():.4f}, "
+          f"mean MC standard error {np.nanmean(scores.stderr):.4f}")

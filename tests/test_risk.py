@@ -1,0 +1,124 @@
+"""The risk engine against an answer known exactly.
+
+A real EhrPrsForCausalLM is set by hand so that its next-token distribution is the same fixed
+vector `p` at every step, whatever the history: then the probability that a target token comes
+before the generated clock passes the horizon (or a stop token ends the record) follows from a
+small dynamic programme over elapsed days, and every estimator can be checked against it.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
+from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
+from modeling_ehr_prs.risk import sample_risk
+
+# token ids of the hand-set vocabulary
+PAD, EOS, TARGET_A, TARGET_B, DAY1, WEEK1, OTHER = 0, 1, 2, 3, 4, 5, 6
+VOCAB = 16
+HORIZON = 30.0
+DAYS = torch.zeros(VOCAB)
+DAYS[DAY1], DAYS[WEEK1] = 1.0, 7.0
+
+
+def fixed_distribution() -> torch.Tensor:
+    p = torch.full((VOCAB,), 1e-9)
+    p[TARGET_A], p[TARGET_B] = 0.006, 0.004  # h = 0.01 per step
+    p[EOS] = 0.01
+    p[DAY1], p[WEEK1] = 0.25, 0.05
+    p[OTHER:] = (1 - p[:OTHER].sum()) / (VOCAB - OTHER)
+    return p / p.sum()
+
+
+def constant_model(p: torch.Tensor) -> EhrPrsForCausalLM:
+    """A decoder whose logits are log p at every position: blocks write nothing to the residual
+    stream, every token has the same embedding, and the LM head maps that one vector to log p."""
+    config = EhrPrsConfig.from_preset("tiny", vocab_size=VOCAB, tie_word_embeddings=False, prs_fusion="none",
+                                      pad_token_id=PAD, eos_token_id=EOS)
+    model = EhrPrsForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.zero_()
+        e = torch.ones(config.hidden_size)
+        model.model.embed_tokens.weight.copy_(e.expand(VOCAB, -1))
+        model.model.norm.weight.fill_(1.0)
+        normed = e / e.pow(2).mean().sqrt()  # what the final RMSNorm makes of e
+        model.lm_head.weight.copy_(torch.log(p)[:, None] * normed[None, :] / normed.pow(2).sum())
+    return model
+
+
+def exact_risk(p: torch.Tensor) -> float:
+    """P(target before the clock passes HORIZON or EOS), tokens i.i.d. from p: f(e) over days e."""
+    q = float(p[TARGET_A] + p[TARGET_B])
+    steps = {1: float(p[DAY1]), 7: float(p[WEEK1])}
+    stay = 1.0 - q - float(p[EOS]) - sum(steps.values())  # 0-day, non-target, non-stop tokens
+    f = {}
+    for e in range(int(HORIZON), -1, -1):
+        cont = sum(r * f[e + d] for d, r in steps.items() if e + d <= HORIZON)
+        f[e] = (q + cont) / (1.0 - stay)
+    return f[0]
+
+
+def test_constant_model_has_the_hand_set_distribution():
+    p = fixed_distribution()
+    model = constant_model(p)
+    ids = torch.tensor([[EOS + 5, OTHER, DAY1, WEEK1]])
+    probs = model(input_ids=ids).logits.softmax(-1)
+    assert torch.allclose(probs, p.expand_as(probs), atol=1e-5)
+
+
+def test_three_estimators_agree_with_the_exact_risk_and_survival_has_lowest_variance():
+    p = fixed_distribution()
+    truth = exact_risk(p)
+    assert 0.1 < truth < 0.4  # a risk where the comparison means something
+    model = constant_model(p)
+    prompts = [[OTHER, DAY1, OTHER], [OTHER] * 5, [DAY1]] * 8  # 24 rows of different lengths
+    results = {}
+    for method in ("mc", "path", "survival"):
+        r = sample_risk(model, prompts, [TARGET_A, TARGET_B], DAYS, HORIZON, method=method, samples=32,
+                        stop_ids=[EOS], pad_token_id=PAD, max_new_tokens=600, seed=1, progress=False)
+        assert r.truncated_paths == 0
+        values = r.path_values.ravel()  # every path is an i.i.d. draw here
+        results[method] = (values.mean(), values.std(ddof=1) / math.sqrt(values.size), values.var(ddof=1))
+    for method, (mean, se, _) in results.items():
+        # mc and survival are unbiased; the paper's path estimator keeps sampling after a target
+        # token would have happened, a bias of ~q x risk here (< 0.01), allowed for explicitly.
+        bias = 0.01 if method == "path" else 0.0
+        assert abs(mean - truth) < 4 * se + bias, (method, mean, truth, se)
+    assert results["survival"][2] < 0.5 * results["mc"][2]
+    assert results["path"][2] < 0.5 * results["mc"][2]
+
+
+def test_time_counts_generated_tokens_only():
+    """A prompt full of time tokens must not use up the horizon: risk is the same as for a short prompt."""
+    p = fixed_distribution()
+    model = constant_model(p)
+    long_time_prompt = [WEEK1] * 40  # 280 days of history, far past the 30-day horizon
+    r = sample_risk(model, [long_time_prompt, [OTHER]], [TARGET_A], DAYS, HORIZON, method="survival",
+                    samples=64, stop_ids=[EOS], pad_token_id=PAD, seed=0, progress=False)
+    assert r.probability[0] > 0.05
+    assert abs(r.probability[0] - r.probability[1]) < 4 * math.hypot(r.stderr[0], r.stderr[1])
+
+
+def test_same_seed_same_answer_and_order_independence():
+    p = fixed_distribution()
+    model = constant_model(p)
+    prompts = [[OTHER] * n for n in (1, 7, 3, 5)]
+    a = sample_risk(model, prompts, [TARGET_A], DAYS, HORIZON, method="mc", samples=8, stop_ids=[EOS], seed=3,
+                    progress=False)
+    b = sample_risk(model, prompts, [TARGET_A], DAYS, HORIZON, method="mc", samples=8, stop_ids=[EOS], seed=3,
+                    progress=False)
+    np.testing.assert_array_equal(a.path_values, b.path_values)
+
+
+def test_bad_arguments_are_clear_errors():
+    model = constant_model(fixed_distribution())
+    with pytest.raises(InputError, match="horizon"):
+        sample_risk(model, [[OTHER]], [TARGET_A], DAYS, 0.0, progress=False)
+    with pytest.raises(InputError, match="method"):
+        sample_risk(model, [[OTHER]], [TARGET_A], DAYS, 10.0, method="topk", progress=False)
