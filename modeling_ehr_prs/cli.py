@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("train", "pretrain the causal LM (+ genomic adapter) on tokenized data; same flags as train.py"),
     "risk": ("modeling_ehr_prs.risk", "zero-shot risk of target codes within a horizon, from sampled futures"),
     "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
+    "baseline": ("modeling_ehr_prs.baselines", "PRS-only logistic regression and count-feature GBMs (with/without PRS)"),
+    "evaluate": ("modeling_ehr_prs.evaluation", "AUROC/AUPRC with paired bootstrap CIs, calibration, subgroups, PRS deciles"),
 }
 
 
