@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests
 
 demo: $(STAMP)
-	$(VENV)/bin/ehr-prs simulate --out $(DEMO_DIR)/cohort --subjects $(DEMO_SUBJECTS) --seed 0
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_SUBJECTS=$(DEMO_SUBJECTS) bash scripts/demo.sh $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -8,10 +8,11 @@ over rounds and the median over rounds of each round's ratio to Llama's rate. To
 event tokens (batch x seq): the PRS prefix is part of the measured cost, not of the throughput.
 On a crowded machine, --threads 1 gives steadier ratios (no OpenMP team waiting on a busy core).
 
-    python -P benchmarks/adapter_overhead.py                   # small preset, batch 4 x 512, ~2-3 min on 2 cores
-    python -P benchmarks/adapter_overhead.py --batch 8 --rounds 4  # small's tokens/s at batch 8 x 512
+    python -m benchmarks.adapter_overhead                   # small preset, batch 4 x 512, ~2-3 min on 2 cores
+    python -m benchmarks.adapter_overhead --batch 8 --rounds 4  # small's tokens/s at batch 8 x 512
 
-(-P keeps benchmarks/ off sys.path, so a benchmark file named like a stdlib module cannot shadow it.)
+(Run benchmarks as modules from the repository root: `python benchmarks/tokenize.py` would put
+benchmarks/ first on sys.path, where tokenize.py shadows the standard library module.)
 
 Goal: prefix >= 0.95, cross_attention >= 0.90 of Llama's tokens/s.
 """
@@ -81,7 +82,8 @@ def main() -> None:
         inputs[fusion] = {"input_ids": ids, "labels": ids, "prs": prs, "prs_mask": prs_mask, "use_cache": False}
     optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in models.items()}
 
-    print(f"preset={args.preset} batch={args.batch} seq={args.seq} n_prs={args.n_prs} threads={torch.get_num_threads()}")
+    print(f"preset={args.preset} batch={args.batch} seq={args.seq} n_prs={args.n_prs} "
+          f"threads={torch.get_num_threads()}")
     for name, model in models.items():
         total = sum(p.numel() for p in model.parameters())
         emb = model.get_input_embeddings().weight.numel()
@@ -105,8 +107,9 @@ def main() -> None:
     print("\nmedian training tokens/s (forward + backward + AdamW step) and median paired ratio to LlamaForCausalLM:")
     for name in models:
         ratios = [mine / base for mine, base in zip(rates[name], rates["llama"])]
+        vs_none = statistics.median(mine / base for mine, base in zip(rates[name], rates["none"]))
         print(f"  {name:16s} {statistics.median(rates[name]):10,.0f} tok/s  ratio {statistics.median(ratios):.3f}"
-              f"  (rounds: {min(ratios):.2f}-{max(ratios):.2f})")
+              f"  (rounds: {min(ratios):.2f}-{max(ratios):.2f})  vs none {vs_none:.3f}")
 
 if __name__ == "__main__":
     main()

@@ -5,8 +5,8 @@ Baseline, measured in the same run: a plain pyarrow write of the same number of 
 of the same shape), i.e. the cost of just writing the bytes the simulator writes. Each
 measurement runs in its own process so that its peak RSS is its own.
 
-    python benchmarks/simulate.py                      # 10,000 and 100,000 subjects
-    python benchmarks/simulate.py --sizes 2000 10000
+    python -m benchmarks.simulate                      # 10,000 and 100,000 subjects
+    python -m benchmarks.simulate --sizes 2000 10000
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Speed and peak memory of `ehr-prs tokenize`, against a plain pyarrow scan of the same files.
 
-    python benchmarks/tokenize.py                       # 10,000 and 100,000 subjects
-    python benchmarks/tokenize.py --cohort /tmp/sim20k  # a cohort from `ehr-prs simulate`
+    python -m benchmarks.tokenize                       # 10,000 and 100,000 subjects
+    python -m benchmarks.tokenize --cohort /tmp/sim20k  # a cohort from `ehr-prs simulate`
 
 For each size it needs a MEDS cohort: `ehr-prs simulate --out DIR --subjects N` when the
 simulator is installed, else a synthetic MEDS cohort written here with numpy (same code

@@ -15,6 +15,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .configuration_ehr_prs import PRESETS, EhrPrsConfig
 from .modeling_ehr_prs import EhrPrsForCausalLM, EhrPrsForSequenceClassification, EhrPrsModel
 
+__all__ = ["PRESETS", "EhrPrsConfig", "EhrPrsModel", "EhrPrsForCausalLM", "EhrPrsForSequenceClassification"]
+
 AutoConfig.register(EhrPrsConfig.model_type, EhrPrsConfig, exist_ok=True)
 AutoModel.register(EhrPrsConfig, EhrPrsModel, exist_ok=True)
 AutoModelForCausalLM.register(EhrPrsConfig, EhrPrsForCausalLM, exist_ok=True)

@@ -229,12 +229,20 @@ class EhrPrsGenomicAdapter(nn.Module):
 
 
 class EhrPrsGatedCrossAttention(nn.Module):
-    """h + tanh(gate) * CrossAttention(norm(h), PRS memory); gate starts at 0 (Flamingo-style)."""
+    """h + tanh(gate) * CrossAttention(norm(h), PRS memory); gate starts at 0 (Flamingo-style).
+
+    The memory is only k tokens, so the per-head projections are re-associated onto the memory
+    side: q.k = x.(Wq_h^T k) and Wo_h v are precomputed per memory token as (b, h, k, d) tables,
+    and each event token pays 2 * h * k * d multiply-adds instead of two d x d projections. Same
+    function, same parameters (query, key, value, out). When `query`/`out` are not plain nn.Linear
+    (e.g. wrapped by PEFT LoRA) the textbook path runs instead, so adapters on them take effect.
+    """
 
     def __init__(self, config: EhrPrsConfig, cache_idx: int) -> None:
         super().__init__()
-        self.cache_idx = cache_idx  # where its memory K/V live in the KV cache (after the decoder layers)
+        self.cache_idx = cache_idx  # where its memory tables live in the KV cache (after the decoder layers)
         self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
         d, h, g = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.norm = EhrPrsRMSNorm(d, config.rms_norm_eps)
         self.query = nn.Linear(d, h * self.head_dim, bias=False)
@@ -243,14 +251,24 @@ class EhrPrsGatedCrossAttention(nn.Module):
         self.out = nn.Linear(h * self.head_dim, d, bias=False)
         self.gate = nn.Parameter(torch.zeros(1))
 
-    def memory_kv(self, memory: torch.Tensor | None, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory keys/values (b, g, k, hd), computed once per cache."""
-        if cache is not None and len(cache.layers) > self.cache_idx and cache.layers[self.cache_idx].get_seq_length() > 0:
+    def reassociated(self) -> bool:
+        return type(self.query) is nn.Linear and type(self.out) is nn.Linear
+
+    def memory_tables(self, memory: torch.Tensor | None, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-memory-token tables, computed once per cache: (b, h, k, d) x 2, or key/value (b, g, k, hd) x 2."""
+        if _has_memory(cache, self.cache_idx):
             layer = cache.layers[self.cache_idx]
             return layer.keys, layer.values
-        b, k, _ = memory.shape
+        b, k, d = memory.shape
         key = self.key(memory).view(b, k, -1, self.head_dim).transpose(1, 2)  # (b, g, k, hd)
         value = self.value(memory).view(b, k, -1, self.head_dim).transpose(1, 2)
+        if self.reassociated():
+            n_rep = self.num_heads // key.shape[1]
+            key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (b, h, k, hd)
+            w_q = self.query.weight.view(self.num_heads, self.head_dim, d)  # (h, hd, d)
+            w_o = self.out.weight.view(d, self.num_heads, self.head_dim)  # (d, h, hd)
+            key = torch.einsum("bhkc,hcd->bhkd", key, w_q) * self.head_dim ** -0.5  # (b, h, k, d): Wq_h^T k / sqrt(hd)
+            value = torch.einsum("bhkc,dhc->bhkd", value, w_o)  # (b, h, k, d): Wo_h v
         if cache is not None:
             while len(cache.layers) <= self.cache_idx:
                 cache.layers.append(DynamicLayer())
@@ -258,11 +276,18 @@ class EhrPrsGatedCrossAttention(nn.Module):
         return key, value
 
     def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
-        b, q_len, _ = hidden_states.shape
-        key, value = self.memory_kv(memory, cache)
-        query = self.query(self.norm(hidden_states)).view(b, q_len, -1, self.head_dim).transpose(1, 2)  # (b, h, q, hd)
-        out = sdpa(query, key, value, None, False).transpose(1, 2).reshape(b, q_len, -1)  # every memory token visible
-        return hidden_states + torch.tanh(self.gate) * self.out(out)
+        b, q_len, d = hidden_states.shape
+        key, value = self.memory_tables(memory, cache)
+        x = self.norm(hidden_states)  # (b, q, d)
+        if self.reassociated():
+            h, k = key.shape[1], key.shape[2]
+            scores = x @ key.reshape(b, h * k, d).transpose(1, 2)  # (b, q, h * k)
+            probs = torch.softmax(scores.view(b, q_len, h, k).float(), dim=-1).to(x.dtype)  # over memory tokens
+            out = probs.view(b, q_len, h * k) @ value.reshape(b, h * k, d)  # (b, q, d): sum over heads and tokens
+        else:
+            query = self.query(x).view(b, q_len, -1, self.head_dim).transpose(1, 2)  # (b, h, q, hd)
+            out = self.out(sdpa(query, key, value, None, False).transpose(1, 2).reshape(b, q_len, -1))
+        return hidden_states + torch.tanh(self.gate) * out
 
 
 class EhrPrsDecoderLayer(GradientCheckpointingLayer):
@@ -368,8 +393,8 @@ class EhrPrsModel(EhrPrsPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)  # (b, s, d)
         b, s, _ = inputs_embeds.shape
         device = inputs_embeds.device
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
+        if use_cache is None:  # a cache passed in is always used and extended
+            use_cache = cache is not None or (self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training:
             use_cache = False
         if use_cache and cache is None:
@@ -386,7 +411,7 @@ class EhrPrsModel(EhrPrsPreTrainedModel):
         # The PRS are read when a cache starts (or on every call without one).
         memory = None
         needs_memory = self.prs_adapter is not None and (starting or self.config.prs_fusion == "cross_attention")
-        if needs_memory and (starting or not _has_memory(cache, self.config)):
+        if needs_memory and (starting or not _has_memory(cache, self.config.num_hidden_layers)):
             memory = self.prs_adapter(prs, prs_mask, b).to(inputs_embeds.dtype)  # (b, k, d)
         hidden_states = torch.cat([memory, inputs_embeds], dim=1) if new_prefix else inputs_embeds  # (b, k? + s, d)
 
@@ -432,10 +457,9 @@ class EhrPrsModel(EhrPrsPreTrainedModel):
                                        hidden_states=tuple(all_hidden) if all_hidden is not None else None)
 
 
-def _has_memory(cache: Cache | None, config: EhrPrsConfig) -> bool:
-    """Whether the cache already holds the cross-attention memory K/V."""
-    first = config.num_hidden_layers
-    return cache is not None and len(cache.layers) > first and cache.layers[first].get_seq_length() > 0
+def _has_memory(cache: Cache | None, cache_idx: int) -> bool:
+    """Whether the cache already holds cross-attention memory tables at layer slot cache_idx."""
+    return cache is not None and len(cache.layers) > cache_idx and cache.layers[cache_idx].get_seq_length() > 0
 
 
 def self_attention_mask(key_valid: torch.Tensor | None, q_len: int, kv_len: int,
@@ -560,8 +584,9 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
             inputs["input_ids"] = input_ids[:, -n_new:]
         if position_ids is not None:
             inputs["position_ids"] = position_ids[:, -n_new:]
+        skip = ("labels", "next_sequence_length", "is_first_iteration", "cache_position")
         for key, value in kwargs.items():  # e.g. logits_to_keep, output_hidden_states
-            if key not in ("labels", "next_sequence_length", "is_first_iteration", "cache_position") and key not in inputs:
+            if key not in skip and key not in inputs:
                 inputs[key] = value
         return inputs
 

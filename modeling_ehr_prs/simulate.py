@@ -983,14 +983,16 @@ def _labels(rng, S, V, rows, t, code, grids, g, horizon_us: int, task: str) -> d
     return {"rows": r, "prediction_time": tau, "boolean_value": positive, "true_probability": p, "true_probability_no_genetic": p0}
 
 
-def _simulate_shard(seed: int, shard: int, n: int, design: _PrsDesign, horizon_days: int) -> dict:
+def _simulate_shard(seed: int, shard: int, n: int, design: _PrsDesign, horizon_days: int,
+                    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
     """Generate one shard of subjects end to end from its own seeded Generator (byte-identical reruns)."""
     rng = np.random.default_rng([seed, shard])
     ids = _subject_ids(rng, n, shard)
     anc = rng.choice(len(ANCESTRIES), n, p=ANCESTRY_P / ANCESTRY_P.sum())
     genotyped = rng.random(n) < GENOTYPED_FRACTION
     u = rng.random(n)
-    split = np.where(u < 0.8, 0, np.where(u < 0.9, 1, 2))
+    f_train, f_tuning = split_fractions[0], split_fractions[0] + split_fractions[1]
+    split = np.where(u < f_train, 0, np.where(u < f_tuning, 1, 2))
     g, prs_raw = _genetics(rng, design, anc, genotyped)
     S = _latent_subjects(rng, n, design, g, anc)
     onset, grids = {}, {}
@@ -1092,8 +1094,17 @@ class SimulationSummary:
 
 
 def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_prs: int = 3481,
-                    horizon_days: int = 730, shard_size: int = 5000, progress: bool = True) -> dict:
-    """Write a simulated All-of-Us-like cohort (MEDS, PRS, labels, truth) under `out`; return a summary dict."""
+                    horizon_days: int = 730, shard_size: int = 5000, progress: bool = True,
+                    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
+    """Write a simulated All-of-Us-like cohort (MEDS, PRS, labels, truth) under `out`; return a summary dict.
+
+    `split_fractions` (train, tuning, held_out) sum to 1; a larger held_out share gives tighter
+    confidence intervals when comparing models (the demo uses 0.6, 0.1, 0.3).
+    """
+    split_fractions = tuple(float(f) for f in split_fractions)
+    if len(split_fractions) != 3 or min(split_fractions) <= 0 or abs(sum(split_fractions) - 1) > 1e-6:
+        raise InputError(f"--split-fractions must be three positive numbers (train,tuning,held_out) summing to 1, "
+                         f"got {','.join(str(f) for f in split_fractions)}")
     if n_subjects < 1:
         raise InputError(f"--subjects must be at least 1, got {n_subjects}")
     if horizon_days < 1:
@@ -1115,7 +1126,7 @@ def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_
             (tmp / d).mkdir(parents=True, exist_ok=True)
         prs_writer = None
         for shard in tqdm(range(n_shards), desc="simulate: shards", unit="shard", disable=not progress):
-            res = _simulate_shard(seed, shard, int(sizes[shard]), design, horizon_days)
+            res = _simulate_shard(seed, shard, int(sizes[shard]), design, horizon_days, split_fractions)
             rows, t, code, val = res["events"]
             ev_split = res["split"][rows]
             for k, s in enumerate(SPLITS):
@@ -1188,12 +1199,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-prs", type=int, default=3481, help="number of PRS columns PGS000001... (default 3481)")
     parser.add_argument("--horizon-days", type=int, default=730, help="label horizon in days (default 730)")
     parser.add_argument("--shard-size", type=int, default=5000, help="subjects per generated shard (default 5000)")
+    parser.add_argument("--split-fractions", default="0.8,0.1,0.1",
+                        help="train,tuning,held_out shares of subjects (default 0.8,0.1,0.1)")
 
 
 def run(args: argparse.Namespace) -> None:
     summary = simulate_cohort(args.out, n_subjects=args.subjects, seed=args.seed, n_prs=args.n_prs,
-                              horizon_days=args.horizon_days, shard_size=args.shard_size)
+                              horizon_days=args.horizon_days, shard_size=args.shard_size,
+                              split_fractions=_parse_fractions(args.split_fractions))
     print(format_summary(summary))
+
+
+def _parse_fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"--split-fractions {text!r}: expected three numbers like 0.8,0.1,0.1") from None
 
 
 def format_summary(summary: dict) -> str:

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +204,32 @@ def test_gradients_reach_the_adapter():
     opened(ids, prs=nan_row, prs_mask=prs_mask, labels=ids).loss.backward()
     assert opened.model.prs_adapter.fc_in.weight.grad.abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in opened.parameters() if p.grad is not None)
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands in for a PEFT-wrapped linear: not an nn.Linear, same function."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_reassociated_cross_attention_equals_the_textbook_form():
+    model = make_model("cross_attention")
+    ids, prs, prs_mask = batch()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    fast = model(ids, attention_mask=mask, prs=prs, prs_mask=prs_mask).logits
+    for layer in model.model.layers:
+        if layer.prs_cross_attn is not None:
+            layer.prs_cross_attn.query = _Wrapped(layer.prs_cross_attn.query)
+            layer.prs_cross_attn.out = _Wrapped(layer.prs_cross_attn.out)
+            assert not layer.prs_cross_attn.reassociated()
+    textbook = model(ids, attention_mask=mask, prs=prs, prs_mask=prs_mask).logits
+    assert torch.allclose(fast, textbook, atol=ATOL)
 
 
 @pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
