@@ -122,3 +122,100 @@ def test_bad_arguments_are_clear_errors():
         sample_risk(model, [[OTHER]], [TARGET_A], DAYS, 0.0, progress=False)
     with pytest.raises(InputError, match="method"):
         sample_risk(model, [[OTHER]], [TARGET_A], DAYS, 10.0, method="topk", progress=False)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny simulated cohort, its tokenization and a 4-step prefix model."""
+    import train
+    from modeling_ehr_prs.simulate import simulate_cohort
+    from tokenizer.build import build
+
+    root = tmp_path_factory.mktemp("risk")
+    simulate_cohort(root / "cohort", n_subjects=600, seed=5, n_prs=64, progress=False)
+    build(root / "cohort" / "meds", root / "tok", prs_path=root / "cohort" / "prs.parquet", min_subjects=5,
+          max_length=128)
+    args = train.PretrainArguments(
+        data=str(root / "tok"), output_dir=str(root / "model"), preset="tiny", prs_fusion="prefix", max_steps=4,
+        batch_size=4, warmup_steps=0, eval_steps=4, save_steps=4, logging_steps=2, max_eval_samples=8,
+        max_seq_length=128, config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=2,"
+        "num_key_value_heads=2,prs_tokens=2")
+    train.train(args)
+    return root
+
+
+def cli(*argv):
+    from modeling_ehr_prs import cli as cli_module
+
+    return cli_module.main(["risk", *map(str, argv)])
+
+
+def test_risk_cli_writes_meds_predictions_for_the_split(pipeline, tmp_path):
+    import polars as pl
+
+    out = tmp_path / "pred.parquet"
+    c = pipeline / "cohort"
+    rc = cli("--model", pipeline / "model", "--meds", c / "meds", "--prs", c / "prs.parquet", "--labels",
+             c / "labels" / "t2d.parquet", "--codes", "ICD10CM/E11*", "--horizon-days", 365, "--samples", 2,
+             "--max-new-tokens", 16, "--out", out)
+    assert rc == 0
+    pred = pl.read_parquet(out)
+    assert pred.columns == ["subject_id", "prediction_time", "boolean_value", "predicted_boolean_probability"]
+    labels = pl.read_parquet(c / "labels" / "t2d.parquet")
+    held = pl.read_parquet(c / "meds" / "metadata" / "subject_splits.parquet").filter(pl.col("split") == "held_out")
+    expected = labels.filter(pl.col("subject_id").is_in(held["subject_id"].implode()))
+    assert pred.height == expected.height > 0
+    assert pred["boolean_value"].to_list() == expected["boolean_value"].to_list()
+    p = pred["predicted_boolean_probability"].to_numpy()
+    assert np.all((p >= 0) & (p <= 1))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--codes": "NOPE/123"}, "NOPE/123"),
+        ({"--horizon-days": "0"}, "horizon"),
+        ({"--split": "validation"}, "split"),
+    ],
+)
+def test_risk_cli_bad_input_exits_2_without_output(pipeline, tmp_path, capsys, change, message):
+    c = pipeline / "cohort"
+    flags = {"--model": pipeline / "model", "--meds": c / "meds", "--prs": c / "prs.parquet",
+             "--labels": c / "labels" / "t2d.parquet", "--codes": "ICD10CM/E11*", "--horizon-days": "365",
+             "--samples": "2", "--out": tmp_path / "p.parquet"}
+    flags.update(change)
+    assert cli(*[x for kv in flags.items() for x in kv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_risk_cli_labels_for_absent_subjects_and_missing_standardiser(pipeline, tmp_path, capsys):
+    import shutil
+
+    import polars as pl
+
+    c = pipeline / "cohort"
+    held = pl.read_parquet(c / "meds" / "metadata" / "subject_splits.parquet").filter(pl.col("split") == "held_out")
+    bad = pl.read_parquet(c / "labels" / "t2d.parquet").filter(pl.col("subject_id").is_in(held["subject_id"].implode()))
+    # A subject that the held-out split assigns but whose events were removed from the data.
+    meds = tmp_path / "meds"
+    shutil.copytree(c / "meds", meds)
+    ghost = int(bad["subject_id"][0])
+    for f in (meds / "data" / "held_out").glob("*.parquet"):
+        frame = pl.read_parquet(f)
+        frame.filter(pl.col("subject_id") != ghost).write_parquet(f)
+    args = ["--model", pipeline / "model", "--meds", meds, "--prs", c / "prs.parquet", "--labels",
+            c / "labels" / "t2d.parquet", "--codes", "ICD10CM/E11*", "--horizon-days", 365, "--samples", 2,
+            "--out", tmp_path / "p.parquet"]
+    assert cli(*args) == 2
+    assert str(ghost) in capsys.readouterr().err
+
+    model = tmp_path / "model"
+    shutil.copytree(pipeline / "model", model)
+    (model / "prs_standardizer.json").unlink()
+    args[1], args[3] = model, c / "meds"
+    assert cli(*args) == 2
+    assert "prs_standardizer.json" in capsys.readouterr().err
