@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
     "baseline": ("modeling_ehr_prs.baselines", "PRS-only logistic regression and count-feature GBMs (with/without PRS)"),
     "evaluate": ("modeling_ehr_prs.evaluation", "AUROC/AUPRC with paired bootstrap CIs, calibration, subgroups, PRS deciles"),
+    "push": ("modeling_ehr_prs.hub", "model card + Hub upload (remote code, tokenizer, PRS standardiser, adapter; --gated)"),
 }
 
 
