@@ -286,7 +286,22 @@ def subgroup_metrics(table: pl.DataFrame, models: list[str], variables: list[str
             if n >= min_cell:
                 cell["models"] = {m: point_metrics(y, g[m].to_numpy()) for m in models}
             out[var][str(level)] = cell
+        for key in ("n", "n_positive"):
+            complementary_suppression(out[var], key, min_cell)
     return out
+
+
+def complementary_suppression(cells: dict[str, dict], key: str, min_cell: int = 20) -> None:
+    """Hide a second count when exactly one level of a variable is suppressed.
+
+    The levels' counts add up to a published total, so a single "<20" could be recovered by
+    subtraction; hiding the next smallest count ("hidden") closes that hole.
+    """
+    suppressed = [lv for lv, c in cells.items() if isinstance(c.get(key), str)]
+    shown = [(c[key], lv) for lv, c in cells.items() if isinstance(c.get(key), int) and c[key] > 0]
+    if len(suppressed) == 1 and shown:
+        _, level = min(shown)
+        cells[level][key] = "hidden"
 
 
 def _level_key(level: str) -> tuple:

@@ -133,10 +133,20 @@ def test_subgroup_cells_under_20_are_suppressed():
     })
     out = E.subgroup_metrics(table, ["m"], ["group"], min_cell=20)["group"]
     assert out["small"] == {"n": "<20", "n_positive": "<20", "suppressed": True}
-    assert out["big"]["n"] == 45 and out["big"]["n_positive"] == 25 and not out["big"]["suppressed"]
+    # The only other level's counts would reveal the small one by subtraction from the total.
+    assert out["big"]["n"] == "hidden" and out["big"]["n_positive"] == "hidden" and not out["big"]["suppressed"]
     y = table["boolean_value"].to_numpy()[19:]
     assert out["big"]["models"]["m"]["auroc"] == pytest.approx(roc_auc_score(y, table["m"].to_numpy()[19:]))
     assert E.small(0) == 0 and E.small(19) == "<20" and E.small(20) == 20
+
+
+def test_complementary_suppression_hides_the_next_smallest_count_only():
+    cells = {"a": {"n": "<20"}, "b": {"n": 30}, "c": {"n": 500}}
+    E.complementary_suppression(cells, "n")
+    assert [cells[k]["n"] for k in "abc"] == ["<20", "hidden", 500]
+    two = {"a": {"n": "<20"}, "b": {"n": "<20"}, "c": {"n": 500}}  # already two hidden: nothing to add
+    E.complementary_suppression(two, "n")
+    assert two["c"]["n"] == 500
 
 
 def _tiny_meds(root: Path, subjects: dict[int, tuple[str, str, datetime]]) -> Path:
