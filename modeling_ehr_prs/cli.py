@@ -26,6 +26,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
     "baseline": ("modeling_ehr_prs.baselines", "PRS-only logistic regression and count-feature GBMs (with/without PRS)"),
     "evaluate": ("modeling_ehr_prs.evaluation", "AUROC/AUPRC with paired bootstrap CIs, calibration, subgroups, PRS deciles"),
+    "finetune": ("finetune", "adapt a pretrained model to a binary MEDS task (LoRA, probe, full; --shots K); same flags as finetune.py"),
+    "predict": ("modeling_ehr_prs.predict", "MEDS predictions of a fine-tuned classifier (base + LoRA adapter, or a probe/full folder)"),
+    "fewshot": ("modeling_ehr_prs.fewshot", "few-shot sweep: AUROC vs K for LoRA, probe and GBM+PRS over seeds, with CIs and a plot"),
     "push": ("modeling_ehr_prs.hub", "model card + Hub upload (remote code, tokenizer, PRS standardiser, adapter; --gated)"),
 }
 
