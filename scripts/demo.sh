@@ -5,14 +5,16 @@
 #   bash scripts/demo.sh OUT_DIR   (with the venv's ehr-prs on PATH)
 #
 # simulate -> tokenize -> pretrain EHR-only, EHR+PRS prefix, EHR+PRS cross-attention ->
-# zero-shot T2D risk on the held-out split -> baselines -> evaluate, ending in OUT_DIR/report/report.md.
+# zero-shot T2D risk on the held-out split -> baselines -> evaluate (OUT_DIR/report/report.md),
+# then transfer to stroke and COPD with LoRA, a linear probe and GBM+PRS, with few-shot curves
+# (OUT_DIR/report_{stroke,copd}/report.md, OUT_DIR/fewshot/{stroke,copd}/fewshot.png).
 # To run it on your own data, replace step 1 with your MEDS folder and PRS table (see README).
 # Sized for ~30 minutes on 2 CPU cores; DEMO_SUBJECTS, DEMO_STEPS, DEMO_SAMPLES scale it.
 set -euo pipefail
 
 OUT=${1:-demo_out}
 SUBJECTS=${DEMO_SUBJECTS:-20000}
-STEPS=${DEMO_STEPS:-700}
+STEPS=${DEMO_STEPS:-600}
 SAMPLES=${DEMO_SAMPLES:-4}
 PRESET=${DEMO_PRESET:-small}
 HORIZON=730
@@ -21,13 +23,13 @@ mkdir -p "$OUT"
 START=$(date +%s)
 step() { printf '\n== [%4ds] %s\n' $(( $(date +%s) - START )) "$*"; }
 
-step "1/6 simulate an All-of-Us-like cohort of $SUBJECTS subjects (30% held out, for tight CIs)"
+step "1/7 simulate an All-of-Us-like cohort of $SUBJECTS subjects (30% held out, for tight CIs)"
 ehr-prs simulate --out "$OUT/cohort" --subjects "$SUBJECTS" --seed 0 --split-fractions 0.6,0.1,0.3
 
-step "2/6 tokenize (vocabulary and value bins from the train split, PRS standardised within ancestry)"
+step "2/7 tokenize (vocabulary and value bins from the train split, PRS standardised within ancestry)"
 ehr-prs tokenize --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" --out "$OUT/tok" --max-length 512
 
-step "3/6 pretrain three models, $STEPS steps each (preset $PRESET)"
+step "3/7 pretrain three models, $STEPS steps each (preset $PRESET)"
 for fusion in none prefix cross_attention; do
   step "    pretrain prs_fusion=$fusion"
   ehr-prs pretrain --data "$OUT/tok" --output-dir "$OUT/models/$fusion" --preset "$PRESET" \
@@ -36,7 +38,7 @@ for fusion in none prefix cross_attention; do
     --logging-steps 50 --max-eval-samples 512
 done
 
-step "4/6 zero-shot T2D risk within $HORIZON days on the held-out split (path estimator, K=$SAMPLES)"
+step "4/7 zero-shot T2D risk within $HORIZON days on the held-out split (path estimator, K=$SAMPLES)"
 mkdir -p "$OUT/predictions"
 for fusion in none prefix cross_attention; do
   ehr-prs risk --model "$OUT/models/$fusion" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
@@ -44,13 +46,13 @@ for fusion in none prefix cross_attention; do
     --method path --samples "$SAMPLES" --split held_out --out "$OUT/predictions/t2d_$fusion.parquet"
 done
 
-step "5/6 baselines: PRS-only logistic regression, count-feature GBM with and without PRS"
+step "5/7 baselines: PRS-only logistic regression, count-feature GBM with and without PRS"
 for kind in prs-lr counts-gbm counts-gbm-prs; do
   ehr-prs baseline --kind "$kind" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
     --labels "$OUT/cohort/labels/t2d.parquet" --split held_out --threads 1 --out "$OUT/predictions/t2d_$kind.parquet"
 done
 
-step "6/6 evaluate against the EHR-only model, with the simulator's true risk as the ceiling"
+step "6/7 evaluate against the EHR-only model, with the simulator's true risk as the ceiling"
 # PRS alignment plot: the first score that carries T2D liability in the simulator.
 T2D_PRS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['traits']['t2d']['columns'][0])" \
   "$OUT/cohort/truth/prs_traits.json")
@@ -64,5 +66,25 @@ ehr-prs evaluate --out "$OUT/report" --reference "EHR-only" \
   --truth "$OUT/cohort/truth/t2d.parquet" --prs "$OUT/cohort/prs.parquet" --prs-column "$T2D_PRS" \
   --meds "$OUT/cohort/meds"
 
-step "done in $(( $(date +%s) - START )) s: $OUT/report/report.md"
-sed -n '1,40p' "$OUT/report/report.md"
+step "7/7 transfer the EHR+PRS prefix model to stroke and COPD: LoRA (K=128 shots), linear probe, GBM counts+PRS"
+for task in stroke copd; do
+  L="$OUT/cohort/labels/$task.parquet"; M="$OUT/cohort/meds"; P="$OUT/cohort/prs.parquet"
+  ehr-prs finetune --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --method lora --shots 128 \
+    --output-dir "$OUT/finetuned/${task}_lora"
+  ehr-prs predict --model "$OUT/models/prefix" --adapter "$OUT/finetuned/${task}_lora" --meds "$M" --prs "$P" \
+    --labels "$L" --out "$OUT/predictions/${task}_lora.parquet"
+  # Few-shot curves (EHRSHOT protocol): K positives + K negatives, 3 seeds; "all" = every train label.
+  ehr-prs fewshot --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --out "$OUT/fewshot/$task" \
+    --shots 8 32 128 all --seeds 3 --methods probe gbm
+  ehr-prs evaluate --out "$OUT/report_$task" --reference "GBM counts+PRS" \
+    --predictions "LoRA K128=$OUT/predictions/${task}_lora.parquet" \
+                  "Linear probe=$OUT/fewshot/$task/predictions/probe_kall_seed0.parquet" \
+                  "GBM counts+PRS=$OUT/fewshot/$task/predictions/gbm_kall_seed0.parquet" \
+    --truth "$OUT/cohort/truth/$task.parquet" --prs "$P" --meds "$M"
+done
+
+step "done in $(( $(date +%s) - START )) s"
+echo "T2D:    $OUT/report/report.md"
+echo "stroke: $OUT/report_stroke/report.md  (few-shot: $OUT/fewshot/stroke/fewshot.png)"
+echo "COPD:   $OUT/report_copd/report.md  (few-shot: $OUT/fewshot/copd/fewshot.png)"
+sed -n '1,30p' "$OUT/report/report.md"

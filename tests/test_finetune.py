@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import finetune as ft
-import train
 from modeling_ehr_prs import baselines, cli
 from modeling_ehr_prs.errors import InputError
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
@@ -28,26 +27,16 @@ from modeling_ehr_prs.predict import (
     task_inputs,
 )
 from modeling_ehr_prs.readers import read_meds_dataset, read_prs_table
-from modeling_ehr_prs.simulate import simulate_cohort
-from tokenizer.build import build
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 TASK = "t2d"  # ~8% prevalence: 20 positive train rows in this cohort
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("finetune")
-    simulate_cohort(root / "cohort", n_subjects=600, seed=3, n_prs=64, progress=False)
-    build(root / "cohort" / "meds", root / "tok", prs_path=root / "cohort" / "prs.parquet", min_subjects=5,
-          max_length=128)
-    args = train.PretrainArguments(
-        data=str(root / "tok"), output_dir=str(root / "lm"), preset="tiny", prs_fusion="prefix", max_steps=4,
-        batch_size=4, learning_rate=3e-3, warmup_steps=0, eval_steps=4, save_steps=4, logging_steps=2,
-        max_eval_samples=8, max_seq_length=128, config_overrides=TINY, seed=7)
-    train.train(args)
+def env(tiny_data, tiny_lm) -> dict:
+    root = tiny_data
     cohort = root / "cohort"
-    return {"root": root, "lm": str(root / "lm"), "meds": str(cohort / "meds"), "prs": str(cohort / "prs.parquet"),
+    return {"root": root, "lm": str(tiny_lm), "meds": str(cohort / "meds"), "prs": str(cohort / "prs.parquet"),
             "labels": str(cohort / "labels" / f"{TASK}.parquet")}
 
 

@@ -32,9 +32,7 @@ from modeling_ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.errors import InputError
 from modeling_ehr_prs.evaluation import EvaluationInputs, run_evaluation
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForSequenceClassification
-from modeling_ehr_prs.simulate import simulate_cohort
 from tokenizer import EhrTokenizer
-from tokenizer.build import build
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 REPO_ID = "someone/ehr-prs-tiny"
@@ -42,17 +40,11 @@ PICKLES = ("training_args.bin", "rng_state.pth", "optimizer.pt")
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory) -> dict:
+def art(tmp_path_factory, tiny_data, tiny_lm) -> dict:
     """A tiny pretrained model (with junk beside it), a LoRA adapter, an evaluation report and inputs."""
     root = tmp_path_factory.mktemp("hub")
-    simulate_cohort(root / "cohort", n_subjects=600, seed=3, n_prs=64, progress=False)
-    build(root / "cohort" / "meds", root / "tok", prs_path=root / "cohort" / "prs.parquet", min_subjects=5,
-          max_length=128)
-    args = train.PretrainArguments(
-        data=str(root / "tok"), output_dir=str(root / "model"), preset="tiny", prs_fusion="prefix", max_steps=2,
-        batch_size=4, learning_rate=3e-3, warmup_steps=0, eval_steps=2, save_steps=2, logging_steps=1,
-        max_eval_samples=8, max_seq_length=128, config_overrides=TINY, seed=7)
-    model_dir = train.train(args)
+    model_dir = root / "model"
+    shutil.copytree(tiny_lm, model_dir)  # a private copy: junk is added beside the weights below
     for name in PICKLES:  # what a Trainer run can leave beside the weights: must never travel
         (model_dir / name).write_bytes(b"\x80\x04pickle")
 
@@ -71,10 +63,10 @@ def art(tmp_path_factory) -> dict:
     adapter_dir = root / "adapter"
     peft_model.save_pretrained(adapter_dir)
     (adapter_dir / "finetune_summary.json").write_text(json.dumps(
-        {"method": "lora", "best_epoch": 2, "tuning_auroc": 0.71, "args": {"meds": str(root / "cohort" / "meds")}}))
+        {"method": "lora", "best_epoch": 2, "tuning_auroc": 0.71, "args": {"meds": str(tiny_data / "cohort" / "meds")}}))
     (adapter_dir / "training_args.bin").write_bytes(b"\x80\x04pickle")
 
-    rows = [__import__("datasets").load_from_disk(str(root / "tok" / "tuning"))[i] for i in range(3)]
+    rows = [__import__("datasets").load_from_disk(str(tiny_data / "tok" / "tuning"))[i] for i in range(3)]
     tok = EhrTokenizer.from_pretrained(str(model_dir))
     batch = EhrPrsCollator(pad_token_id=tok.pad_token_id, with_labels=False)(rows)
     from transformers import AutoModelForCausalLM
@@ -86,7 +78,7 @@ def art(tmp_path_factory) -> dict:
               str(root / "io.safetensors"))
 
     # An evaluation report of two models on the cohort's T2D labels (scores: label + noise).
-    labels = pl.read_parquet(root / "cohort" / "labels" / "t2d.parquet")
+    labels = pl.read_parquet(tiny_data / "cohort" / "labels" / "t2d.parquet")
     y = labels["boolean_value"].to_numpy().astype(float)
     rng = np.random.default_rng(0)
     files = {}
@@ -95,9 +87,9 @@ def art(tmp_path_factory) -> dict:
         files[name] = root / f"{name}.parquet"
         labels.with_columns(predicted_boolean_probability=pl.Series(p)).write_parquet(files[name])
     eval_dir = root / "eval" / "t2d"
-    run_evaluation(EvaluationInputs(predictions=files, prs=root / "cohort" / "prs.parquet",
-                                    meds=root / "cohort" / "meds", n_bootstrap=20), eval_dir)
-    meds_rows = pl.read_parquet(str(root / "cohort" / "meds" / "data" / "**" / "*.parquet"))
+    run_evaluation(EvaluationInputs(predictions=files, prs=tiny_data / "cohort" / "prs.parquet",
+                                    meds=tiny_data / "cohort" / "meds", n_bootstrap=20), eval_dir)
+    meds_rows = pl.read_parquet(str(tiny_data / "cohort" / "meds" / "data" / "**" / "*.parquet"))
     subject_ids = meds_rows.get_column("subject_id").unique().to_list()
     return {"root": root, "model": model_dir, "adapter": adapter_dir, "eval": eval_dir, "tokens": rows[0]["input_ids"],
             "subject_ids": [str(s) for s in subject_ids], "tokenizer": tok}
@@ -135,7 +127,7 @@ def test_upload_folder_holds_exactly_the_allow_list(art, folders):
         (art["adapter"] / "adapter_model.safetensors").read_bytes()
     # Pickles were skipped, each with a note; the checkpoint folder too.
     skipped = " ".join(folders["notes"])
-    assert all(name in skipped for name in PICKLES) and "checkpoint-2" in skipped
+    assert all(name in skipped for name in PICKLES) and "checkpoint-4" in skipped
     assert not [p for p in folders["real"].rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".parquet", ".arrow")]
     # The adapter's base is this repository; local paths in summaries are reduced to a last component.
     adapter_config = json.loads((folders["real"] / "adapter" / "adapter_config.json").read_text())
@@ -143,7 +135,7 @@ def test_upload_folder_holds_exactly_the_allow_list(art, folders):
     tok_config = json.loads((folders["real"] / "tokenizer_config.json").read_text())
     assert "local_files_only" not in tok_config and tok_config["auto_map"]["AutoTokenizer"][0] == "tokenization_ehr.EhrTokenizer"
     summary = json.loads((folders["real"] / "training_summary.json").read_text())
-    assert summary["args"]["data"] == "tok" and summary["args"]["output_dir"] == "model" and summary["steps"] == 2
+    assert summary["args"]["data"] == "tok" and summary["args"]["output_dir"] == "lm" and summary["steps"] == 4
     assert json.loads((folders["real"] / "adapter" / "finetune_summary.json").read_text())["args"]["meds"] == "meds"
     # No subject id anywhere, in any file, text or binary.
     blob = b"".join(p.read_bytes() for p in folders["real"].rglob("*") if p.is_file())
@@ -237,7 +229,7 @@ def test_model_card_metadata_and_body(art, folders):
     n_params = sum(np.prod(t.shape) for t in load_file(str(art["model"] / "model.safetensors")).values())
     for text in (f"| prs_fusion | prefix |", f"| n_prs (PGS Catalog scores) | 64 |",
                  f"| vocab_size | {config['vocab_size']} |", f"| parameters (stored) | {n_params:,} |",
-                 "| optimizer steps | 2 |", "trust_remote_code=True", 'subfolder="adapter"', "PrsStandardizer",
+                 "| optimizer steps | 4 |", "trust_remote_code=True", 'subfolder="adapter"', "PrsStandardizer",
                  "## Intended use", "## Out-of-scope use", "Portability", "Calibration", "No subject-level data",
                  "| r | 4 |", "| tuning_auroc | 0.7100 |",
                  "codes seen in at least 5 training subjects", "below the All of Us minimum of 20"):

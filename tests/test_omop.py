@@ -147,3 +147,35 @@ def test_cli_runs_on_parquet_tables(tmp_path, eunomia):
     assert race_ethnicity == 2678  # persons with a known race (2243) or Hispanic ethnicity (435)
     expected = 2 * 2694 + race_ethnicity + _omop_rows(eunomia, "observation") + _omop_rows(eunomia, "visit_occurrence")
     assert df.height == expected
+
+
+def test_tokenizer_runs_on_the_converted_real_sample(converted, tmp_path):
+    """Real data end to end: Eunomia (OMOP) -> MEDS -> tokens, with the 20-subject vocabulary rule."""
+    import json
+
+    import polars as pl
+    from datasets import load_from_disk
+
+    from modeling_ehr_prs.readers import read_meds_dataset
+    from tokenizer import EhrTokenizer
+    from tokenizer.build import build
+
+    out, _ = converted
+    summary = build(out, tmp_path / "tok", min_subjects=20, max_length=256)
+    tok = EhrTokenizer.from_pretrained(str(tmp_path / "tok" / "tokenizer"))
+    ds = read_meds_dataset(out)
+    train = ds.scan("train").collect()
+    per_code = train.group_by("code").agg(pl.col("subject_id").n_unique().alias("n"))
+    frequent = set(per_code.filter(pl.col("n") >= 20)["code"].to_list())
+    rare = set(per_code.filter(pl.col("n") < 20)["code"].to_list())
+    vocab = tok.get_vocab()
+    assert rare and not (rare & set(vocab)), "codes seen in fewer than 20 train subjects stay out"
+    assert len(frequent - {"MEDS_BIRTH"} - set(vocab)) == 0, "every frequent code has its own token"
+    rows = load_from_disk(str(tmp_path / "tok" / "train"))
+    assert len(rows) == ds.subject_splits.filter(pl.col("split") == "train").height
+    assert max(rows["length"]) <= 256
+    # A Eunomia history reads back as its own codes, in order.
+    text = tok.decode(rows[0]["input_ids"])
+    assert any(code in text for code in ("SNOMED/", "RxNorm/", "LOINC/", "Visit/"))
+    assert json.loads((tmp_path / "tok" / "tokenize_summary.json").read_text())["codes_dropped_min_subjects"] == len(rare)
+    assert summary["splits"]["train"]["tokens"] > 0

@@ -128,22 +128,11 @@ def test_bad_arguments_are_clear_errors():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """A tiny simulated cohort, its tokenization and a 4-step prefix model."""
-    import train
-    from modeling_ehr_prs.simulate import simulate_cohort
-    from tokenizer.build import build
-
-    root = tmp_path_factory.mktemp("risk")
-    simulate_cohort(root / "cohort", n_subjects=600, seed=5, n_prs=64, progress=False)
-    build(root / "cohort" / "meds", root / "tok", prs_path=root / "cohort" / "prs.parquet", min_subjects=5,
-          max_length=128)
-    args = train.PretrainArguments(
-        data=str(root / "tok"), output_dir=str(root / "model"), preset="tiny", prs_fusion="prefix", max_steps=4,
-        batch_size=4, warmup_steps=0, eval_steps=4, save_steps=4, logging_steps=2, max_eval_samples=8,
-        max_seq_length=128, config_overrides="hidden_size=32,intermediate_size=64,num_attention_heads=2,"
-        "num_key_value_heads=2,prs_tokens=2")
-    train.train(args)
+def pipeline(tiny_data, tiny_lm):
+    """The shared tiny cohort (root/cohort) and a 4-step prefix model (root/model)."""
+    root = tiny_data
+    if not (root / "model").exists():
+        (root / "model").symlink_to(tiny_lm)
     return root
 
 

@@ -19,21 +19,15 @@ import modeling_ehr_prs  # noqa: F401
 import train
 from modeling_ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.simulate import simulate_cohort
 from tokenizer import EhrTokenizer
-from tokenizer.build import build
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    simulate_cohort(root / "cohort", n_subjects=600, seed=3, n_prs=64, progress=False)
-    build(root / "cohort" / "meds", root / "tok", prs_path=root / "cohort" / "prs.parquet", min_subjects=5,
-          max_length=128)
-    return root / "tok"
+def data(tiny_data) -> Path:
+    return tiny_data / "tok"
 
 
 def args_for(data: Path, out: Path, **kw) -> train.PretrainArguments:
