@@ -35,6 +35,11 @@ from tqdm.auto import tqdm
 
 from modeling_ehr_prs.errors import InputError
 
+try:  # the cache layer class of transformers 5 (DynamicCache.layers)
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover
+    DynamicLayer = object
+
 METHODS = ("path", "mc", "survival")
 DEATH_CODE = "MEDS_DEATH"
 
@@ -109,6 +114,61 @@ def sample_risk(
     return RiskScores(probability, stderr, values, truncated, generated)
 
 
+class _InPlaceLayer(DynamicLayer):
+    """A cache layer whose keys/values live in a preallocated buffer.
+
+    DynamicLayer appends a token by concatenating the whole cache (a full copy per step, so
+    sampling a path costs O(length^2)); here a step writes one slot in place. Exposes `keys` and
+    `values` as views, as DynamicLayer does, so the model reads it unchanged.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+        super().__init__()
+        b, h, t, d = keys.shape
+        self._k = keys.new_empty((b, h, t + room, d))  # (b, heads, capacity, head_dim)
+        self._v = values.new_empty((b, h, t + room, values.shape[-1]))
+        self._k[:, :, :t], self._v[:, :, :t] = keys, values
+        self._len, self.device, self.is_initialized = t, keys.device, True
+        self._view()
+
+    def _view(self) -> None:
+        self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        if self._len + n > self._k.shape[-2]:  # out of room: double the buffer
+            self._k = torch.cat([self._k, torch.empty_like(self._k)], dim=-2)
+            self._v = torch.cat([self._v, torch.empty_like(self._v)], dim=-2)
+        self._k[:, :, self._len : self._len + n] = key_states
+        self._v[:, :, self._len : self._len + n] = value_states
+        self._len += n
+        self._view()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
+        self._view()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._k, self._v = self._k[indices], self._v[indices]
+        self._view()
+
+    reorder_cache = batch_select_indices
+
+
+def _grow_in_place(cache, n_decoder_layers: int, room: int) -> None:
+    """Swap the decoder layers of a filled DynamicCache for in-place layers with `room` free slots.
+
+    Layers past the decoder's (the cross-attention PRS memory) never grow and are left as they are.
+    """
+    for i, layer in enumerate(cache.layers[:n_decoder_layers]):
+        if DynamicLayer is not object and type(layer) is DynamicLayer and layer.get_seq_length() > 0:
+            cache.layers[i] = _InPlaceLayer(layer.keys, layer.values, room)
+
+
 def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)  # (b, s)
@@ -126,44 +186,48 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
     b = ids.shape[0]
     out = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True, logits_to_keep=1)
     cache = out.cache
+    _grow_in_place(cache, model.config.num_hidden_layers, max_new_tokens + 1)
     # Encode each prompt once, then give every path its own copy of the cache.
     cache.batch_repeat_interleave(k)
     logits = out.logits[:, -1].float().repeat_interleave(k, dim=0)  # (n, vocab), n = b * k
     mask = mask.repeat_interleave(k, dim=0)  # (n, s)
     n = b * k
-    live = torch.arange(n, device=device)  # global path index of each row still in the cache
-    elapsed = torch.zeros(n, device=device)  # generated days so far, per live row
+    live = torch.arange(n, device=device)  # global path index of each row in the cache
+    alive = torch.ones(n, dtype=torch.bool, device=device)  # row still sampling (finished rows wait for compaction)
+    elapsed = torch.zeros(n, device=device)  # generated days so far, per cache row
     log_survival = torch.zeros(n, dtype=torch.float64, device=device)  # sum log(1 - h_t), per path
     event = torch.zeros(n, dtype=torch.bool, device=device)
     generated = 0
     for _ in range(max_new_tokens):
-        logp = torch.log_softmax(logits, dim=-1)  # raw next-token distribution, (live, vocab)
+        logp = torch.log_softmax(logits, dim=-1)  # raw next-token distribution, (rows, vocab)
         if method in ("path", "survival"):
-            h = torch.logsumexp(logp[:, target], dim=-1).exp().clamp(max=1 - 1e-12)  # (live,)
-            log_survival[live] += torch.log1p(-h.double())
+            h = torch.logsumexp(logp[:, target], dim=-1).exp().clamp(max=1 - 1e-12)  # (rows,)
+            log_survival[live[alive]] += torch.log1p(-h[alive].double())
         if method == "survival":
             logp = logp.index_fill(1, target, float("-inf"))  # sample the no-event world
-        next_ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (live,)
-        generated += next_ids.numel()
+        next_ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (rows,)
+        generated += int(alive.sum())
         elapsed = elapsed + token_days[next_ids]
         finished = elapsed > horizon
         if stops.numel():
             finished |= torch.isin(next_ids, stops)
         if method == "mc":
-            hit = torch.isin(next_ids, target)
+            hit = torch.isin(next_ids, target) & alive
             event[live[hit]] = True
             finished |= hit
-        keep = (~finished).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            live = live[:0]
+        alive &= ~finished
+        n_alive = int(alive.sum())
+        if n_alive == 0:
             break
-        if keep.numel() < live.numel():  # drop finished paths from the batch and the cache
+        # Copying the cache costs as much as a step: compact only once a quarter of the rows are done.
+        if n_alive <= 0.75 * live.numel():
+            keep = alive.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            live, elapsed, mask, next_ids = live[keep], elapsed[keep], mask[keep], next_ids[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (live, s + t)
+            live, alive, elapsed, mask, next_ids = live[keep], alive[keep], elapsed[keep], mask[keep], next_ids[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (rows, s + t)
         out = model(input_ids=next_ids[:, None], attention_mask=mask, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()
-    truncated = int(live.numel())
+    truncated = int(alive.sum())
     if method == "mc":
         values = event.double()
     elif method == "path":

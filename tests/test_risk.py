@@ -208,3 +208,33 @@ def test_risk_cli_labels_for_absent_subjects_and_missing_standardiser(pipeline, 
     args[1], args[3] = model, c / "meds"
     assert cli(*args) == 2
     assert "prs_standardizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_in_place_cache_gives_the_same_logits_as_the_dynamic_cache(fusion):
+    """The sampler's preallocated cache layers must be invisible to the model, buffer growth included."""
+    from modeling_ehr_prs.risk import _grow_in_place
+
+    torch.manual_seed(0)
+    config = EhrPrsConfig.from_preset("tiny", vocab_size=VOCAB, n_prs=8, prs_fusion=fusion)
+    model = EhrPrsForCausalLM(config).eval()
+    ids = torch.randint(3, VOCAB, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row
+    prs, prs_mask = torch.randn(3, 8), torch.tensor([True, False, True])
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True)
+        b = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True)
+        _grow_in_place(b.cache, config.num_hidden_layers, room=2)  # forces the buffer to double below
+        for cache in (a.cache, b.cache):
+            cache.batch_repeat_interleave(2)
+            cache.batch_select_indices(torch.tensor([0, 1, 3, 4, 5]))
+        m = mask.repeat_interleave(2, 0)[[0, 1, 3, 4, 5]]
+        ca, cb = a.cache, b.cache
+        for step in range(5):
+            new = torch.full((5, 1), 4 + step)
+            m = torch.cat([m, torch.ones(5, 1, dtype=m.dtype)], dim=1)
+            oa = model(input_ids=new, attention_mask=m, cache=ca, use_cache=True)
+            ob = model(input_ids=new, attention_mask=m, cache=cb, use_cache=True)
+            torch.testing.assert_close(oa.logits, ob.logits, rtol=0, atol=1e-6)
+            ca, cb = oa.cache, ob.cache
