@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -35,11 +36,9 @@ class EhrPrsCollator:
         if self.max_length is not None:
             ids = [x[-self.max_length :] for x in ids]
         width = max(len(x) for x in ids)
-        if self.pad_to_multiple_of:
+        if self.pad_to_multiple_of:  # rounded up for kernel-friendly shapes, never past max_length
             m = self.pad_to_multiple_of
-            width = ((width + m - 1) // m) * m
-            if self.max_length is not None:
-                width = min(width, max(self.max_length, max(len(x) for x in ids)))
+            width = min(-(-width // m) * m, self.max_length or float("inf"))
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)  # (batch, seq)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)  # (batch, seq)
         for i, x in enumerate(ids):
@@ -51,7 +50,7 @@ class EhrPrsCollator:
         elif self.with_labels:
             batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         if "prs" in rows[0]:
-            prs = torch.tensor([list(r["prs"]) for r in rows], dtype=torch.float32)  # (batch, n_prs)
+            prs = torch.from_numpy(np.asarray([r["prs"] for r in rows], dtype=np.float32))  # (batch, n_prs)
             prs_mask = torch.tensor([bool(r["prs_mask"]) for r in rows], dtype=torch.bool)  # (batch,)
             # A row that is not genotyped carries no score values at all: zero them so nothing
             # downstream can read a stale vector; the model uses prs_mask, not these zeros.

@@ -228,12 +228,9 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
         out = model(input_ids=next_ids[:, None], attention_mask=mask, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()
     truncated = int(alive.sum())
-    if method == "mc":
-        values = event.double()
-    elif method == "path":
-        values = 1.0 - log_survival.exp()
-    else:  # survival: each path's unbiased estimate of the risk is 1 - its weight
-        values = 1.0 - log_survival.exp()
+    # mc: the event indicator. path and survival: 1 - prod(1 - h_t); for survival (sampled with the
+    # targets masked) that is each path's unbiased importance-weighted estimate of the risk.
+    values = event.double() if method == "mc" else 1.0 - log_survival.exp()
     return values.view(b, k).cpu().numpy(), truncated, generated
 
 
@@ -280,7 +277,7 @@ def load_model_and_tokenizer(model_dir: str | Path):
 def run(args: argparse.Namespace) -> None:
     import polars as pl
 
-    from modeling_ehr_prs.errors import atomic_output_file
+    from modeling_ehr_prs.baselines import write_predictions
     from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
     from tokenizer import inputs_at_prediction_times
 
@@ -314,12 +311,11 @@ def run(args: argparse.Namespace) -> None:
                                       split=args.split, max_length=max_prompt)
     prompts = [list(x) for x in data["input_ids"]]
     prs_t = prs_mask_t = None
-    if model.config.n_prs:
+    if model.config.n_prs and prs is not None:  # widths were checked against the standardiser above
         prs_t = torch.tensor(np.asarray(data["prs"], dtype=np.float32))  # (rows, n_prs)
         prs_mask_t = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))  # (rows,)
-        if prs_t.ndim != 2 or prs_t.shape[1] != model.config.n_prs:
-            prs_t = torch.zeros(len(prompts), model.config.n_prs)
-            prs_mask_t = torch.zeros(len(prompts), dtype=torch.bool)
+    # Without --prs (or for a model without an adapter) prs stays None: every row gets the
+    # model's learned "no genotype" tokens.
     stop_ids = [tokenizer.eos_token_id]
     if DEATH_CODE in tokenizer.get_vocab():
         stop_ids.append(tokenizer.get_vocab()[DEATH_CODE])
@@ -332,10 +328,9 @@ def run(args: argparse.Namespace) -> None:
         "subject_id": np.asarray(data["subject_id"], dtype=np.int64),
         "prediction_time": data.with_format("arrow")["prediction_time"],
         "boolean_value": np.asarray(data["boolean_value"], dtype=bool),
-        "predicted_boolean_probability": scores.probability.astype(np.float32),
+        "predicted_boolean_probability": scores.probability,
     })
-    with atomic_output_file(args.out) as tmp:
-        frame.write_parquet(tmp)
+    write_predictions(frame, args.out)  # the one MEDS prediction schema every stage writes
     if scores.truncated_paths:
         print(f"note: {scores.truncated_paths} of {len(prompts) * args.samples} paths reached --max-new-tokens "
               f"{args.max_new_tokens} before the horizon (their risk counts only what they generated)", file=sys.stderr)
