@@ -176,7 +176,12 @@ def run_sweep(args: argparse.Namespace) -> dict:
     gbm = GbmFeatures(args.meds, args.labels, args.prs) if "gbm" in methods else None
 
     runs, scores = [], {}
-    plan = [(m, k, s) for k in shots for s in range(args.seeds) for m in methods]
+    # K = all uses every train row, so its seeds differ only in the fit's own randomness:
+    # --seeds-all (default --seeds) lets a time-boxed run fit it once.
+    seeds_all = args.seeds if getattr(args, "seeds_all", None) is None else args.seeds_all
+    if seeds_all < 1:
+        raise InputError(f"--seeds-all must be >= 1, got {seeds_all}")
+    plan = [(m, k, s) for k in shots for s in range(args.seeds if k else seeds_all) for m in methods]
     out = Path(args.out)
     with atomic_output_dir(out) as tmp:
         (tmp / "predictions").mkdir()
@@ -294,6 +299,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", nargs="+", default=["8", "16", "32", "64", "128", "all"],
                         help="K values (positives and negatives each), 'all' = every train row")
     parser.add_argument("--seeds", type=int, default=3, help="draws per K (seeds 0..N-1)")
+    parser.add_argument("--seeds-all", type=int,
+                        help="seeds for K = all (default --seeds): every train row is used, so only the fit's "
+                             "own randomness varies; 1 saves time")
     parser.add_argument("--methods", nargs="+", default=["lora", "probe", "gbm"], help=f"from {list(METHODS)}")
     parser.add_argument("--epochs", type=int, default=5, help="finetune epochs (raised to reach --min-steps)")
     parser.add_argument("--min-steps", type=int, default=50, help="finetune: at least this many optimizer steps")

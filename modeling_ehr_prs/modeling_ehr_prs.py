@@ -158,6 +158,11 @@ class EhrPrsAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (b, g, t, hd)
+            # A cache layer may attend itself: risk.py's sampler keeps one copy of each prompt for
+            # its K paths and merges prompt and path attention exactly (log-sum-exp).
+            attend = getattr(cache.layers[self.layer_idx], "attend", None)
+            if attend is not None:
+                return self.o_proj(attend(query).transpose(1, 2).reshape(b, q_len, -1))  # (b, q, d)
         out = sdpa(query, key, value, attention_mask, is_causal)  # (b, h, q, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))  # (b, q, d)
 

@@ -7,7 +7,7 @@
 For each label row the prompt is the subject's history up to `prediction_time` (built by
 `tokenizer.inputs_at_prediction_times`, the one place that enforces no leakage). K futures are
 sampled per prompt, batched across subjects, with a KV cache: the prompt is encoded once per
-subject and its cache repeated K times. A path stops when the days of its *generated* time
+subject and its K paths read that one copy (`_SharedPromptLayer`). A path stops when the days of its *generated* time
 tokens pass the horizon (the prompt's own time tokens never count), at end-of-record or death,
 or after `max_new_tokens`. Three estimators of P(target code within the horizon), all from the
 raw next-token distribution (never a top-k / top-p / temperature-warped one):
@@ -114,25 +114,34 @@ def sample_risk(
     return RiskScores(probability, stderr, values, truncated, generated)
 
 
-class _InPlaceLayer(DynamicLayer):
-    """A cache layer whose keys/values live in a preallocated buffer.
+class _SharedPromptLayer(DynamicLayer):
+    """A decoder cache layer for K sampled paths per prompt that stores each prompt only once.
 
-    DynamicLayer appends a token by concatenating the whole cache (a full copy per step, so
-    sampling a path costs O(length^2)); here a step writes one slot in place. Exposes `keys` and
-    `values` as views, as DynamicLayer does, so the model reads it unchanged.
+    Repeating a prompt's keys/values for each of its K paths makes every decoding step read the
+    prompt K times over: on a CPU that memory traffic, not arithmetic, bounds the step. Here the
+    prompts' keys/values stay (p, g, s, hd), one copy each, and only generated tokens are stored
+    per path, in a preallocated buffer written in place (no concatenation per step). The model
+    asks the layer to `attend` (see EhrPrsAttention): the K queries of a prompt meet its keys in
+    one matrix product, the path's own generated keys in another, and the two softmax parts are
+    merged exactly through their log-sum-exp (as in flash-decoding / cascade attention).
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, room: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor, k: int, room: int):
         super().__init__()
-        b, h, t, d = keys.shape
-        self._k = keys.new_empty((b, h, t + room, d))  # (b, heads, capacity, head_dim)
-        self._v = values.new_empty((b, h, t + room, values.shape[-1]))
-        self._k[:, :, :t], self._v[:, :, :t] = keys, values
-        self._len, self.device, self.is_initialized = t, keys.device, True
-        self._view()
-
-    def _view(self) -> None:
-        self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+        p, g, s, hd = keys.shape
+        self.prompt_keys, self.prompt_values = keys, values  # (p, g, s, hd)
+        self.prompt_bias = torch.zeros(p, 1, 1, s, dtype=keys.dtype, device=keys.device)  # (p, 1, 1, s)
+        self.prompt_bias.masked_fill_(~key_valid[:, None, None, :], float("-inf"))  # left padding
+        self.k = k
+        n = p * k
+        self._k = keys.new_empty((n, g, room, hd))  # (rows, g, capacity, hd): generated tokens only
+        self._v = values.new_empty((n, g, room, values.shape[-1]))
+        self._len, self._prompt_len = 0, s
+        self.row_prompt = torch.arange(n, device=keys.device) // k  # (rows,) which prompt a row samples from
+        self.row_path = torch.arange(n, device=keys.device) % k  # (rows,) which of its K paths
+        self._grid_rows = None  # (rows,) slot of each row in the (prompt, path) grid; None while identity
+        self.device, self.is_initialized = keys.device, True
+        self.keys = self.values = None  # nothing outside attend() reads them
 
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
@@ -142,31 +151,75 @@ class _InPlaceLayer(DynamicLayer):
         self._k[:, :, self._len : self._len + n] = key_states
         self._v[:, :, self._len : self._len + n] = value_states
         self._len += n
-        self._view()
-        return self.keys, self.values
+        return None, None
+
+    def attend(self, query: torch.Tensor) -> torch.Tensor:
+        """Causal attention of one new token per row over prompt + generated keys: (n, h, 1, hd)."""
+        n, h, q_len, hd = query.shape
+        if q_len != 1:
+            raise ValueError("the shared-prompt cache decodes one token per row at a time")
+        p, g = self.prompt_keys.shape[:2]
+        rep, k = h // g, self.k
+        scale = hd ** -0.5
+        q = query.view(n, g, rep, hd) * scale  # (n, g, rep, hd)
+        # Prompt part: lay the rows out on a (prompt, path) grid, so each prompt's K paths (and the
+        # query heads sharing a key head) form one (K * rep, hd) @ (hd, s) product.
+        if self._grid_rows is None:  # rows are still the full grid, in order
+            grid = q
+        else:
+            grid = q.new_zeros(p * k, g, rep, hd).index_copy_(0, self._grid_rows, q)
+        grid = grid.view(p, k, g, rep, hd).transpose(1, 2).reshape(p, g, k * rep, hd)  # (p, g, K * rep, hd)
+        s1 = grid @ self.prompt_keys.transpose(-1, -2) + self.prompt_bias  # (p, g, K * rep, s)
+        m1 = s1.amax(dim=-1, keepdim=True)  # (p, g, K * rep, 1)
+        e1 = torch.exp(s1 - m1)
+        part = torch.cat([e1 @ self.prompt_values, e1.sum(dim=-1, keepdim=True), m1], dim=-1)  # (p, g, K*rep, hd+2)
+        part = part.view(p, g, k, rep, hd + 2).transpose(1, 2).reshape(p * k, g, rep, hd + 2)
+        if self._grid_rows is not None:
+            part = part.index_select(0, self._grid_rows)  # (n, g, rep, hd + 2): each row's own slot
+        o1, l1, m1 = part[..., :hd], part[..., hd : hd + 1], part[..., hd + 1 :]
+        # Generated part: each row's own tokens (all real: no padding after the prompt).
+        gk, gv = self._k[:, :, : self._len], self._v[:, :, : self._len]  # (n, g, t, hd)
+        s2 = q @ gk.transpose(-1, -2)  # (n, g, rep, t)
+        m2 = s2.amax(dim=-1, keepdim=True)
+        e2 = torch.exp(s2 - m2)
+        l2 = e2.sum(dim=-1, keepdim=True)
+        o2 = e2 @ gv  # (n, g, rep, hd)
+        m = torch.maximum(m1, m2)
+        a1, a2 = torch.exp(m1 - m), torch.exp(m2 - m)
+        out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)  # (n, g, rep, hd)
+        return out.reshape(n, h, 1, hd)
 
     def get_seq_length(self) -> int:
-        return self._len
+        return self._prompt_len + self._len
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._k, self._v = self._k.repeat_interleave(repeats, dim=0), self._v.repeat_interleave(repeats, dim=0)
-        self._view()
+        raise NotImplementedError("the shared-prompt layer is built for K paths already")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices`; prompts none of whose paths are left are dropped too."""
         self._k, self._v = self._k[indices], self._v[indices]
-        self._view()
+        self.row_prompt, self.row_path = self.row_prompt[indices], self.row_path[indices]
+        used = torch.unique(self.row_prompt)  # sorted
+        if used.numel() < self.prompt_keys.shape[0]:
+            self.prompt_keys, self.prompt_values = self.prompt_keys[used], self.prompt_values[used]
+            self.prompt_bias = self.prompt_bias[used]
+            self.row_prompt = torch.searchsorted(used, self.row_prompt)
+        self._grid_rows = self.row_prompt * self.k + self.row_path
 
     reorder_cache = batch_select_indices
 
 
-def _grow_in_place(cache, n_decoder_layers: int, room: int) -> None:
-    """Swap the decoder layers of a filled DynamicCache for in-place layers with `room` free slots.
+def _share_prompts(cache, n_decoder_layers: int, key_valid: torch.Tensor, k: int, room: int) -> None:
+    """Turn a cache filled by encoding p prompts into one for p * k paths (row i samples prompt i // k).
 
-    Layers past the decoder's (the cross-attention PRS memory) never grow and are left as they are.
+    Decoder layers become shared-prompt layers; the layers after them (the cross-attention PRS
+    memory, a few vectors per row) are simply repeated k times.
     """
-    for i, layer in enumerate(cache.layers[:n_decoder_layers]):
-        if DynamicLayer is not object and type(layer) is DynamicLayer and layer.get_seq_length() > 0:
-            cache.layers[i] = _InPlaceLayer(layer.keys, layer.values, room)
+    for i, layer in enumerate(cache.layers):
+        if i < n_decoder_layers:
+            cache.layers[i] = _SharedPromptLayer(layer.keys, layer.values, key_valid, k, room)
+        else:
+            layer.batch_repeat_interleave(k)
 
 
 def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,11 +239,14 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
     b = ids.shape[0]
     out = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True, logits_to_keep=1)
     cache = out.cache
-    _grow_in_place(cache, model.config.num_hidden_layers, max_new_tokens + 1)
-    # Encode each prompt once, then give every path its own copy of the cache.
-    cache.batch_repeat_interleave(k)
+    # Encode each prompt once; its K paths share that one copy (prefix positions are always valid).
+    prefix = cache.get_seq_length() - ids.shape[1]
+    key_valid = torch.cat([mask.new_ones(b, prefix), mask], dim=1).bool()  # (b, prefix + s)
+    _share_prompts(cache, model.config.num_hidden_layers, key_valid, k, max_new_tokens + 1)
     logits = out.logits[:, -1].float().repeat_interleave(k, dim=0)  # (n, vocab), n = b * k
-    mask = mask.repeat_interleave(k, dim=0)  # (n, s)
+    # Event position of each row's next token (positions count real tokens only, as the model does);
+    # passing them spares the model a padding mask over the whole history at every step.
+    position = mask.sum(dim=1).repeat_interleave(k)  # (n,)
     n = b * k
     live = torch.arange(n, device=device)  # global path index of each row in the cache
     alive = torch.ones(n, dtype=torch.bool, device=device)  # row still sampling (finished rows wait for compaction)
@@ -219,14 +275,15 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
         n_alive = int(alive.sum())
         if n_alive == 0:
             break
-        # Copying the cache costs as much as a step: compact only once a quarter of the rows are done.
+        # Copying the generated cache costs about a step: compact only once a quarter of the rows are done.
         if n_alive <= 0.75 * live.numel():
             keep = alive.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            live, alive, elapsed, mask, next_ids = live[keep], alive[keep], elapsed[keep], mask[keep], next_ids[keep]
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (rows, s + t)
-        out = model(input_ids=next_ids[:, None], attention_mask=mask, cache=cache, use_cache=True)
+            live, alive, elapsed, position, next_ids = (live[keep], alive[keep], elapsed[keep], position[keep],
+                                                        next_ids[keep])
+        out = model(input_ids=next_ids[:, None], position_ids=position[:, None], cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1].float()
+        position = position + 1
     truncated = int(alive.sum())
     # mc: the event indicator. path and survival: 1 - prod(1 - h_t); for survival (sampled with the
     # targets masked) that is each path's unbiased importance-weighted estimate of the risk.

@@ -231,17 +231,18 @@ def test_fewshot_sweep_writes_curves_and_gbm_all_matches_the_baseline(env, tmp_p
     out = tmp_path / "fs"
     args = parser.parse_args(["--model", env["lm"], "--meds", env["meds"], "--prs", env["prs"], "--labels",
                               env["labels"], "--out", str(out), "--shots", "4", "all", "--seeds", "2",
-                              "--methods", "probe", "gbm", "--epochs", "1", "--min-steps", "3", "--n-boot", "50"])
+                              "--seeds-all", "1", "--methods", "probe", "gbm", "--epochs", "1", "--min-steps", "3", "--n-boot", "50"])
     result = run_sweep(args)
     assert {p.name for p in out.iterdir()} == {"fewshot.json", "fewshot.csv", "fewshot.png", "predictions"}
-    assert len(list((out / "predictions").glob("*.parquet"))) == len(result["runs"]) == 2 * 2 * 2
+    # 2 methods x (K=4: 2 seeds + K=all: --seeds-all 1)
+    assert len(list((out / "predictions").glob("*.parquet"))) == len(result["runs"]) == 2 * (2 + 1)
     assert [(c["method"], c["shots"], c["seeds"]) for c in result["curves"]] == [
-        ("probe", "4", 2), ("probe", "all", 2), ("gbm", "4", 2), ("gbm", "all", 2)]
+        ("probe", "4", 2), ("probe", "all", 1), ("gbm", "4", 2), ("gbm", "all", 1)]
     for r in result["runs"]:
         lo, hi = r["auroc_ci"]
         assert 0 <= lo <= hi <= 1 and 0 <= r["auroc"] <= 1
         assert r["train_rows"] == (8 if r["shots"] == "4" else 248)
-    assert len(pl.read_csv(out / "fewshot.csv")) == 8
+    assert len(pl.read_csv(out / "fewshot.csv")) == 6
     # With every train row, the sweep's GBM is exactly `ehr-prs baseline --kind counts-gbm-prs`.
     ref = baselines.run_baseline("counts-gbm-prs", env["meds"], env["labels"], env["prs"], threads=1).predictions
     mine = pl.read_parquet(out / "predictions" / "gbm_kall_seed0.parquet")

@@ -210,10 +210,12 @@ def test_risk_cli_labels_for_absent_subjects_and_missing_standardiser(pipeline, 
     assert "prs_standardizer.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
-def test_in_place_cache_gives_the_same_logits_as_the_dynamic_cache(fusion):
-    """The sampler's preallocated cache layers must be invisible to the model, buffer growth included."""
-    from modeling_ehr_prs.risk import _grow_in_place
+@pytest.mark.parametrize("fusion", ["none", "prefix", "cross_attention"])
+def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
+    """The sampler keeps one copy of each prompt for its K paths; the model must see no difference
+    from K repeated copies: left padding, grouped-query heads (tiny: 4 query / 2 key-value heads),
+    buffer growth, and compaction that drops a whole prompt and then part of another."""
+    from modeling_ehr_prs.risk import _share_prompts
 
     torch.manual_seed(0)
     config = EhrPrsConfig.from_preset("tiny", vocab_size=VOCAB, n_prs=8, prs_fusion=fusion)
@@ -225,16 +227,28 @@ def test_in_place_cache_gives_the_same_logits_as_the_dynamic_cache(fusion):
     with torch.no_grad():
         a = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True)
         b = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True)
-        _grow_in_place(b.cache, config.num_hidden_layers, room=2)  # forces the buffer to double below
-        for cache in (a.cache, b.cache):
-            cache.batch_repeat_interleave(2)
-            cache.batch_select_indices(torch.tensor([0, 1, 3, 4, 5]))
-        m = mask.repeat_interleave(2, 0)[[0, 1, 3, 4, 5]]
+        a.cache.batch_repeat_interleave(2)  # the reference: every path its own copy of its prompt
+        prefix = b.cache.get_seq_length() - ids.shape[1]
+        assert prefix == (config.prs_tokens if fusion == "prefix" else 0)
+        key_valid = torch.cat([torch.ones(3, prefix, dtype=torch.long), mask], dim=1).bool()
+        _share_prompts(b.cache, config.num_hidden_layers, key_valid, k=2, room=2)  # room 2: the buffer doubles
+        keep = torch.tensor([0, 1, 4, 5])  # prompt 1's two paths are done
+        a.cache.batch_select_indices(keep)
+        b.cache.batch_select_indices(keep)
+        assert b.cache.layers[0].prompt_keys.shape[0] == 2  # its keys are gone too
+        m = mask.repeat_interleave(2, 0)[keep]
+        position = m.sum(dim=1)
         ca, cb = a.cache, b.cache
         for step in range(5):
-            new = torch.full((5, 1), 4 + step)
-            m = torch.cat([m, torch.ones(5, 1, dtype=m.dtype)], dim=1)
+            new = torch.randint(3, VOCAB, (m.shape[0], 1))
+            m = torch.cat([m, torch.ones(m.shape[0], 1, dtype=m.dtype)], dim=1)
             oa = model(input_ids=new, attention_mask=m, cache=ca, use_cache=True)
-            ob = model(input_ids=new, attention_mask=m, cache=cb, use_cache=True)
-            torch.testing.assert_close(oa.logits, ob.logits, rtol=0, atol=1e-6)
-            ca, cb = oa.cache, ob.cache
+            ob = model(input_ids=new, position_ids=position[:, None], cache=cb, use_cache=True)
+            torch.testing.assert_close(oa.logits, ob.logits, rtol=0, atol=1e-5)
+            assert cb.get_seq_length() == ca.get_seq_length()
+            ca, cb, position = oa.cache, ob.cache, position + 1
+            if step == 2:  # one path of prompt 0 finishes
+                keep = torch.tensor([1, 2, 3])
+                ca.batch_select_indices(keep)
+                cb.batch_select_indices(keep)
+                m, position = m[keep], position[keep]
