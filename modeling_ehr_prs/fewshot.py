@@ -177,11 +177,23 @@ def run_sweep(args: argparse.Namespace) -> dict:
 
     runs, scores = [], {}
     # K = all uses every train row, so its seeds differ only in the fit's own randomness:
-    # --seeds-all (default --seeds) lets a time-boxed run fit it once.
+    # --seeds-all (default --seeds) lets a time-boxed run fit it once. LoRA fits cost minutes each
+    # on a CPU, so --lora-shots / --lora-seeds can give it a smaller grid than the other methods.
     seeds_all = args.seeds if getattr(args, "seeds_all", None) is None else args.seeds_all
-    if seeds_all < 1:
-        raise InputError(f"--seeds-all must be >= 1, got {seeds_all}")
-    plan = [(m, k, s) for k in shots for s in range(args.seeds if k else seeds_all) for m in methods]
+    lora_seeds = args.seeds if getattr(args, "lora_seeds", None) is None else args.lora_seeds
+    for flag, value in (("--seeds-all", seeds_all), ("--lora-seeds", lora_seeds)):
+        if value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
+    lora_shots = shots if getattr(args, "lora_shots", None) is None else parse_shots(args.lora_shots)
+    if not set(lora_shots) <= set(shots):
+        raise InputError(f"--lora-shots {args.lora_shots}: each must also be in --shots {args.shots}")
+
+    def n_seeds(method: str, k: int | None) -> int:
+        n = lora_seeds if method == "lora" else args.seeds
+        return min(n, seeds_all) if k is None else n
+
+    plan = [(m, k, s) for k in shots for s in range(max(n_seeds(m, k) for m in methods)) for m in methods
+            if s < n_seeds(m, k) and (m != "lora" or k in lora_shots)]
     out = Path(args.out)
     with atomic_output_dir(out) as tmp:
         (tmp / "predictions").mkdir()
@@ -240,6 +252,8 @@ def summarise(runs, scores, boot, y_held, methods, shots, percentile_ci) -> dict
         for k in shots:
             names = [f"{method}_k{shot_label(k)}_seed{r['seed']}" for r in runs
                      if r["method"] == method and r["shots"] == shot_label(k)]
+            if not names:  # not in this method's grid (--lora-shots)
+                continue
             values = np.array([next(r["auroc"] for r in runs if f"{r['method']}_k{r['shots']}_seed{r['seed']}" == n)
                                for n in names])
             mean_boot = np.mean([boot[n]["auroc"] for n in names], axis=0)  # (B,): seed-mean on each resample
@@ -278,7 +292,7 @@ def plot(result: dict, path: Path, n_pos_train: int) -> None:
     ax.set_xlabel("K (positive and negative training examples each)")
     ax.set_ylabel("held-out AUROC")
     seeds = max(c["seeds"] for c in result["curves"])
-    ax.set_title(f"Few-shot transfer: {Path(result['task']).stem} (mean of {seeds} seed(s), 95% CI)")
+    ax.set_title(f"Few-shot transfer: {Path(result['task']).stem} (mean of up to {seeds} seed(s), 95% CI)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -302,6 +316,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds-all", type=int,
                         help="seeds for K = all (default --seeds): every train row is used, so only the fit's "
                              "own randomness varies; 1 saves time")
+    parser.add_argument("--lora-shots", nargs="+",
+                        help="K values for the lora method (default --shots; each must be in --shots): LoRA fits "
+                             "take minutes each on a CPU, and 'all' trains on every train row")
+    parser.add_argument("--lora-seeds", type=int, help="draws per K for the lora method (default --seeds)")
     parser.add_argument("--methods", nargs="+", default=["lora", "probe", "gbm"], help=f"from {list(METHODS)}")
     parser.add_argument("--epochs", type=int, default=5, help="finetune epochs (raised to reach --min-steps)")
     parser.add_argument("--min-steps", type=int, default=50, help="finetune: at least this many optimizer steps")

@@ -10,8 +10,9 @@
 # to stroke and COPD with LoRA, a linear probe and GBM+PRS, with few-shot curves
 # (OUT_DIR/report_{stroke,copd}/report.md, OUT_DIR/fewshot/{stroke,copd}/fewshot.png).
 # To run it on your own data, replace step 1 with your MEDS folder and PRS table (see README).
-# On 2 CPU cores the T2D report (steps 1-6) takes ~26 minutes and the transfer step ~11 more;
-# DEMO_SUBJECTS, DEMO_PRS, DEMO_STEPS, DEMO_ADAPTER_STEPS and DEMO_SAMPLES scale it.
+# On 2 CPU cores the T2D report (steps 1-6) takes ~26 minutes and the transfer step ~21 more
+# (~6 without the LoRA few-shot line); DEMO_SUBJECTS, DEMO_PRS, DEMO_STEPS, DEMO_ADAPTER_STEPS,
+# DEMO_SAMPLES and DEMO_FEWSHOT_LORA scale it.
 set -euo pipefail
 
 OUT=${1:-demo_out}
@@ -24,6 +25,7 @@ N_PRS=${DEMO_PRS:-128}
 STEPS=${DEMO_STEPS:-1000}
 ADAPTER_STEPS=${DEMO_ADAPTER_STEPS:-300}
 SAMPLES=${DEMO_SAMPLES:-4}
+FEWSHOT_LORA=${DEMO_FEWSHOT_LORA:-1}  # 0: few-shot curves without LoRA (~15 minutes faster)
 PRESET=${DEMO_PRESET:-small}
 HORIZON=730
 export TOKENIZERS_PARALLELISM=false
@@ -79,18 +81,20 @@ ehr-prs evaluate --out "$OUT/report" --reference "EHR-only" \
   --truth "$OUT/cohort/truth/t2d.parquet" --prs "$OUT/cohort/prs.parquet" --prs-column "$T2D_PRS" \
   --meds "$OUT/cohort/meds"
 
-step "7/7 transfer the EHR+PRS prefix model to stroke and COPD: LoRA (K=128 shots), linear probe, GBM counts+PRS"
+if [ "$FEWSHOT_LORA" = 1 ]; then METHODS="lora probe gbm"; else METHODS="probe gbm"; fi
+step "7/7 transfer the EHR+PRS prefix model to stroke and COPD, few-shot: ${METHODS// /, } (GBM = counts+PRS)"
 for task in stroke copd; do
   L="$OUT/cohort/labels/$task.parquet"; M="$OUT/cohort/meds"; P="$OUT/cohort/prs.parquet"
-  ehr-prs finetune --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --method lora --shots 128 \
-    --output-dir "$OUT/finetuned/${task}_lora"
-  ehr-prs predict --model "$OUT/models/prefix" --adapter "$OUT/finetuned/${task}_lora" --meds "$M" --prs "$P" \
-    --labels "$L" --out "$OUT/predictions/${task}_lora.parquet"
-  # Few-shot curves (EHRSHOT protocol): K positives + K negatives, 3 seeds; "all" = every train label (one fit).
+  # Few-shot curves (EHRSHOT protocol): K positives + K negatives; probe and GBM over 3 seeds and
+  # "all" (every train label, one fit); LoRA (minutes per fit on a CPU) once at K = 8, 32, 128.
+  # Its K = 128 fit is exactly `ehr-prs finetune --method lora --shots 128` (same draw, same seed),
+  # which would also save the PEFT adapter for `ehr-prs predict` (see README).
   ehr-prs fewshot --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --out "$OUT/fewshot/$task" \
-    --shots 8 32 128 all --seeds 3 --seeds-all 1 --methods probe gbm
+    --methods $METHODS --shots 8 32 128 all --seeds 3 --seeds-all 1 --lora-shots 8 32 128 --lora-seeds 1
+  LORA=()
+  if [ "$FEWSHOT_LORA" = 1 ]; then LORA=("LoRA K128=$OUT/fewshot/$task/predictions/lora_k128_seed0.parquet"); fi
   ehr-prs evaluate --out "$OUT/report_$task" --reference "GBM counts+PRS" \
-    --predictions "LoRA K128=$OUT/predictions/${task}_lora.parquet" \
+    --predictions ${LORA[@]+"${LORA[@]}"} \
                   "Linear probe=$OUT/fewshot/$task/predictions/probe_kall_seed0.parquet" \
                   "GBM counts+PRS=$OUT/fewshot/$task/predictions/gbm_kall_seed0.parquet" \
     --truth "$OUT/cohort/truth/$task.parquet" --prs "$P" --meds "$M"

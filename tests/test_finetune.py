@@ -252,6 +252,29 @@ def test_fewshot_sweep_writes_curves_and_gbm_all_matches_the_baseline(env, tmp_p
                                rtol=1e-6)
 
 
+def test_fewshot_lora_grid_can_be_smaller_than_the_others(env, tmp_path):
+    """--lora-shots / --lora-seeds: LoRA only where asked (its fits are the slow ones), one plot."""
+    import argparse
+
+    from modeling_ehr_prs.fewshot import add_arguments, run_sweep
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = ["--model", env["lm"], "--meds", env["meds"], "--prs", env["prs"], "--labels", env["labels"],
+            "--shots", "4", "all", "--seeds", "2", "--seeds-all", "1", "--methods", "lora", "probe",
+            "--epochs", "1", "--min-steps", "2", "--n-boot", "20"]
+    out = tmp_path / "fs"
+    result = run_sweep(parser.parse_args([*base, "--out", str(out), "--lora-shots", "4", "--lora-seeds", "1"]))
+    assert sorted((r["method"], r["shots"], r["seed"]) for r in result["runs"]) == [
+        ("lora", "4", 0), ("probe", "4", 0), ("probe", "4", 1), ("probe", "all", 0)]
+    assert sorted((c["method"], c["shots"], c["seeds"]) for c in result["curves"]) == [
+        ("lora", "4", 1), ("probe", "4", 2), ("probe", "all", 1)]
+    assert (out / "fewshot.png").stat().st_size > 0
+    with pytest.raises(InputError, match="--lora-shots"):
+        run_sweep(parser.parse_args([*base, "--out", str(tmp_path / "bad"), "--lora-shots", "16"]))
+    assert not (tmp_path / "bad").exists()
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
