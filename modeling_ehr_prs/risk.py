@@ -7,9 +7,9 @@
 For each label row the prompt is the subject's history up to `prediction_time` (built by
 `tokenizer.inputs_at_prediction_times`, the one place that enforces no leakage). K futures are
 sampled per prompt, batched across subjects, with a KV cache: the prompt is encoded once per
-subject and its K paths read that one copy (`_SharedPromptLayer`). A path stops when the days of its *generated* time
-tokens pass the horizon (the prompt's own time tokens never count), at end-of-record or death,
-or after `max_new_tokens`. Three estimators of P(target code within the horizon), all from the
+subject and its K paths read that one copy (`_SharedPromptLayer`). A path stops when the days
+of its *generated* time tokens pass the horizon (the prompt's own time tokens never count), at
+end-of-record or death, or after `max_new_tokens`. Three estimators of P(target code within the horizon), all from the
 raw next-token distribution (never a top-k / top-p / temperature-warped one):
 
 - `mc`:       sample from the raw distribution; a path scores 1 if it emits a target code.
