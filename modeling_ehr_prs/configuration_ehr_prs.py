@@ -67,8 +67,9 @@ class EhrPrsConfig(PretrainedConfig):
         prs_fusion (str): how the PRS reach the decoder, one of "none" (EHR-only baseline: no adapter
             at all), "prefix" (the adapter's `prs_tokens` embeddings sit before the event tokens as a
             soft prompt) or "cross_attention" (the adapter's tokens are a memory that the layers in
-            `prs_cross_attention_layers` read through tanh-gated cross-attention, gate initialised at
-            0 so an EHR-only checkpoint extended this way gives identical outputs before training).
+            `prs_cross_attention_layers` read through tanh-gated cross-attention whose output
+            projection starts at 0, so an EHR-only checkpoint extended this way gives identical
+            outputs before training).
         prs_tokens (int): number of embedding vectors the adapter makes from one PRS vector (paper: 10).
         prs_adapter_hidden_size (int): hidden width of the adapter MLP (n_prs -> this -> prs_tokens x
             hidden_size).

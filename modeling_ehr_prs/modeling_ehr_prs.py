@@ -11,7 +11,8 @@ The genomic adapter (config.prs_fusion):
     positions 0..k-1 (events start at k), are always attended to, live in the KV cache, and are
     cut from the outputs: logits/hidden states are aligned with input_ids.
   * "cross_attention": adapter(prs) -> k memory tokens; the layers in
-    config.prs_cross_attention_layers add tanh(gate) * CrossAttention(h, memory), gate = 0 at init.
+    config.prs_cross_attention_layers add tanh(gate) * CrossAttention(h, memory); its output
+    projection starts at 0 (gate open), so an extended EHR-only checkpoint starts unchanged.
 A subject without genotype (prs_mask False, prs None, or a prs row with NaN when prs_mask is not
 given) gets the learned `prs_adapter.no_genotype` tokens, never an MLP of zeros.
 
@@ -234,7 +235,7 @@ class EhrPrsGenomicAdapter(nn.Module):
 
 
 class EhrPrsGatedCrossAttention(nn.Module):
-    """h + tanh(gate) * CrossAttention(norm(h), PRS memory); gate starts at 0 (Flamingo-style).
+    """h + tanh(gate) * CrossAttention(norm(h), PRS memory); output projection 0 at init, gate 1.
 
     The memory is only k tokens, so the per-head projections are re-associated onto the memory
     side: q.k = x.(Wq_h^T k) and Wo_h v are precomputed per memory token as (b, h, k, d) tables,
@@ -341,7 +342,12 @@ class EhrPrsPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EhrPrsGenomicAdapter):
             init.normal_(module.no_genotype, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, EhrPrsGatedCrossAttention):
-            init.zeros_(module.gate)  # an extended EHR-only checkpoint starts with unchanged outputs
+            # An extended EHR-only checkpoint must start with unchanged outputs. A zero output
+            # projection does that while the gate is open, so the projection gets a gradient from
+            # the first step; a closed gate (Flamingo) starves every weight behind it, and with
+            # weight decay on a frozen backbone the gate stayed at ~0 after 300 steps (measured).
+            init.zeros_(module.out.weight)
+            init.constant_(module.gate, 1.0)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save safetensors weights; a registered (remote-code) model lists every head in auto_map."""
