@@ -25,6 +25,7 @@ import torch
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
+from modeling_ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.errors import InputError
 from modeling_ehr_prs.risk import load_model_and_tokenizer
 
@@ -32,27 +33,21 @@ from modeling_ehr_prs.risk import load_model_and_tokenizer
 def first_code_logprobs(model_dir: str, rows, codes: list[str], batch_size: int) -> np.ndarray:
     """(n,) log p(first outcome code | history) per row; NaN where the row has none after position 0."""
     model, tokenizer, _ = load_model_and_tokenizer(model_dir)
+    collate = EhrPrsCollator(pad_token_id=tokenizer.pad_token_id, with_labels=False, pad_to_multiple_of=None)
     target = torch.tensor(tokenizer.code_token_ids(codes))
     out = np.full(len(rows), np.nan)
     with torch.no_grad():
         for start in tqdm(range(0, len(rows), batch_size), desc=Path(model_dir).name, leave=False):
-            batch = rows[start:start + batch_size]
-            ids = [list(x) for x in batch["input_ids"]]
-            width = max(map(len, ids))
-            input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids])  # (b, s) right-padded
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-            kwargs = {}
-            if model.config.n_prs:
-                kwargs = {"prs": torch.tensor(np.asarray(batch["prs"], np.float32)),
-                          "prs_mask": torch.tensor(np.asarray(batch["prs_mask"], bool))}
-            logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=mask, **kwargs).logits.float(), -1)
+            batch = collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            input_ids, mask = batch["input_ids"], batch["attention_mask"]  # (b, s) right-padded
+            logp = torch.log_softmax(model(**batch).logits.float(), -1)  # an EHR-only model ignores prs
             hit = torch.isin(input_ids, target) & mask.bool()  # (b, s)
             hit[:, 0] = False  # the first token has no history to predict it from
             has = hit.any(dim=1)
             first = hit.float().argmax(dim=1)  # (b,) position of the first outcome code
-            rows_b = torch.arange(len(ids))
+            rows_b = torch.arange(len(input_ids))
             lp = logp[rows_b, (first - 1).clamp(min=0), input_ids[rows_b, first]]
-            out[start:start + len(ids)] = torch.where(has, lp, torch.nan).numpy()
+            out[start:start + len(input_ids)] = torch.where(has, lp, torch.nan).numpy()
     return out
 
 
