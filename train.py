@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -90,7 +91,8 @@ class PretrainArguments:
     report_to: str = field(default="none", metadata={"help": "Trainer loggers: none, tensorboard, wandb, ..."})
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated config edits on top of the preset, e.g. 'hidden_size=128,num_hidden_layers=2'."},
+        metadata={"help": "Comma-separated config edits on top of the preset, e.g. 'hidden_size=128,num_hidden_layers=2'; "
+                          "with --init-from only the adapter's fields (e.g. 'prs_cross_attention_layers=[3]')."},
     )
 
 
@@ -131,7 +133,7 @@ def n_prs_of(dataset) -> int:
 def parse_overrides(text: str | None) -> dict:
     """'hidden_size=128,prs_tokens=4' -> {'hidden_size': 128, 'prs_tokens': 4} (JSON values)."""
     out = {}
-    for item in filter(None, (text or "").split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", text or "")):  # commas inside [..] belong to a list
         if "=" not in item:
             raise InputError(f"--config-overrides item {item!r} is not key=value")
         key, value = item.split("=", 1)
@@ -140,6 +142,11 @@ def parse_overrides(text: str | None) -> dict:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+# Config fields of the genomic adapter: with --init-from they are the only ones --config-overrides may set.
+ADAPTER_FIELDS = ("prs_tokens", "prs_adapter_hidden_size", "prs_cross_attention_layers", "prs_dropout",
+                  "prs_centered")
 
 
 def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: int) -> EhrPrsForCausalLM:
@@ -171,7 +178,15 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
             f"{len(tokenizer)} tokens: continue from a checkpoint trained on the same tokenizer"
         )
     config_dict = base.to_dict()
-    for key in ("vocab_size", "n_prs", "prs_fusion", "prs_dropout"):
+    # The adapter is new, so its shape may be set here; the decoder's comes from the checkpoint.
+    clash = sorted(f"{k}={v} (checkpoint: {config_dict.get(k)})" for k, v in parse_overrides(args.config_overrides).items()
+                   if k not in ADAPTER_FIELDS and config_dict.get(k) != v)
+    if clash:
+        raise InputError(
+            f"--config-overrides {', '.join(clash)} with --init-from {args.init_from}: the checkpoint fixes the "
+            f"decoder; only the new adapter's fields ({', '.join(ADAPTER_FIELDS)}) may differ from it"
+        )
+    for key in ("vocab_size", "n_prs", "prs_fusion", *ADAPTER_FIELDS):
         if key in overrides:
             config_dict[key] = overrides[key]
     config = EhrPrsConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")})

@@ -79,6 +79,13 @@ class EhrPrsConfig(PretrainedConfig):
         prs_dropout (float): probability, in training mode only, of hiding a genotyped subject's PRS
             (replacing them by the "no genotype" tokens), so one model serves genotyped and
             non-genotyped people. 0 disables it.
+        prs_centered (bool): cross_attention only. Each block adds tanh(gate) * (CrossAttention(h,
+            memory of the subject's PRS) - CrossAttention(h, memory of all-zero PRS)): the adapter
+            moves a prediction only as far as the scores deviate from the population mean (0 after
+            standardisation), and a subject without genotype (or whose PRS is hidden by
+            prs_dropout) gets exactly the decoder's own output. With a frozen EHR-only backbone this
+            makes the EHR+PRS model the EHR-only model plus a genetic effect, nothing else.
+            Default False (the adapter may also shift everyone, through the "no genotype" tokens).
 
     Every value is checked when the config is built, when a model is built from it and when it is
     saved: a wrong value raises ValueError naming the field and what is allowed.
@@ -108,6 +115,7 @@ class EhrPrsConfig(PretrainedConfig):
     prs_adapter_hidden_size: int = 256
     prs_cross_attention_layers: list[int] | None = None
     prs_dropout: float = 0.1
+    prs_centered: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:
@@ -153,6 +161,11 @@ class EhrPrsConfig(PretrainedConfig):
             raise ValueError(f"prs_dropout must be a probability in [0, 1], got {self.prs_dropout!r}")
         if self.prs_fusion not in PRS_FUSIONS:
             raise ValueError(f"prs_fusion must be one of {list(PRS_FUSIONS)}, got {self.prs_fusion!r}")
+        if not isinstance(self.prs_centered, bool):
+            raise ValueError(f"prs_centered must be true or false, got {self.prs_centered!r}")
+        if self.prs_centered and self.prs_fusion == "prefix":
+            raise ValueError("prs_centered=True needs prs_fusion='cross_attention' (a prefix always changes what "
+                             "the decoder attends to, so it cannot be centred)")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")

@@ -291,6 +291,35 @@ def subgroup_metrics(table: pl.DataFrame, models: list[str], variables: list[str
     return out
 
 
+def paired_deltas_by_level(table: pl.DataFrame, var: str, models: list[str], reference: str, n_boot: int,
+                           seed: int, min_cell: int = 20) -> dict:
+    """{level: {model: ΔAUROC/ΔAUPRC vs reference, paired bootstrap CI and p}} within each level of `var`.
+
+    By genotyped-or-not this tells a PRS effect (a gain in genotyped rows only: the others get the
+    adapter's "no genotype" tokens) from any other change an adapter makes. Levels with fewer than
+    `min_cell` rows, or without both classes, are left out.
+    """
+    out: dict[str, dict] = {}
+    for (level,), g in sorted(table.group_by([var]), key=lambda kv: _level_key(str(kv[0][0]))):
+        y = g["boolean_value"].to_numpy().astype(np.int8)
+        if g.height < min_cell or not 0 < y.sum() < y.size or min(y.sum(), y.size - y.sum()) < min_cell:
+            continue
+        boot = bootstrap_metrics(y, {m: g[m].to_numpy() for m in models}, n_boot, seed)
+        cell = {}
+        for m in models:
+            if m == reference:
+                continue
+            comp = {}
+            for k in ("auroc", "auprc"):
+                d = boot[m][k] - boot[reference][k]
+                comp[f"delta_{k}"] = point_metrics(y, g[m].to_numpy())[k] - point_metrics(y, g[reference].to_numpy())[k]
+                comp[f"delta_{k}_ci"] = percentile_ci(d)
+                comp[f"p_{k}"] = paired_p_value(d)
+            cell[m] = comp
+        out[str(level)] = {"n": small(g.height, min_cell), "n_positive": small(int(y.sum()), min_cell), "models": cell}
+    return out
+
+
 def complementary_suppression(cells: dict[str, dict], key: str, min_cell: int = 20) -> None:
     """Hide a second count when exactly one level of a variable is suppressed.
 
@@ -478,6 +507,9 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
         groups = groups.join(prs_subgroups(inputs.prs, table), on=KEY)
         variables += [v for v in ("ancestry", "genotyped") if v in groups.columns]
     res["subgroups"] = subgroup_metrics(table.join(groups, on=KEY), models, variables, inputs.min_cell)
+    if "genotyped" in groups.columns:
+        res["comparisons_by_genotyped"] = paired_deltas_by_level(
+            table.join(groups, on=KEY), "genotyped", models, reference, inputs.n_bootstrap, inputs.seed, inputs.min_cell)
     if inputs.prs is not None:
         res["prs_deciles"] = prs_deciles(table, inputs.prs, inputs.prs_column, models, inputs.min_cell)
     return res, table
@@ -522,6 +554,17 @@ def render_report(res: dict, figures: list[str]) -> str:
             vals = [f"<{res['min_cell']}"] * len(models) if cell["suppressed"] else [
                 f"{_f(cell['models'][m]['auroc'])} / {_f(cell['models'][m]['auprc'])}" for m in models]
             lines.append("| " + " | ".join([level, str(cell["n"]), str(cell["n_positive"]), *vals]) + " |")
+    if res.get("comparisons_by_genotyped"):
+        lines += ["", f"## ΔAUROC and ΔAUPRC vs {ref}, genotyped or not", "",
+                  "Paired bootstrap within each group. A model that reads the PRS should gain in genotyped "
+                  "rows only; a gain in both comes from something else.", "",
+                  "| group | n | positive | model | ΔAUROC [95% CI] | p | ΔAUPRC [95% CI] | p |",
+                  "|" + " --- |" * 8]
+        for level, cell in res["comparisons_by_genotyped"].items():
+            for m, c in cell["models"].items():
+                lines.append(f"| {level} | {cell['n']} | {cell['n_positive']} | {m} | "
+                             f"{_ci(c['delta_auroc'], c['delta_auroc_ci'])} | {_p(c['p_auroc'])} | "
+                             f"{_ci(c['delta_auprc'], c['delta_auprc_ci'])} | {_p(c['p_auprc'])} |")
     if "prs_deciles" in res:
         dec = res["prs_deciles"]
         within = f", within {dec['within']}" if dec["within"] else ""

@@ -13,8 +13,12 @@ The genomic adapter (config.prs_fusion):
   * "cross_attention": adapter(prs) -> k memory tokens; the layers in
     config.prs_cross_attention_layers add tanh(gate) * CrossAttention(h, memory); its output
     projection starts at 0 (gate open), so an extended EHR-only checkpoint starts unchanged.
+    With config.prs_centered the memory is 2k tokens (the subject's, then those of all-zero PRS)
+    and each block adds the difference of the two attentions: only deviations from the mean
+    genome move the prediction.
 A subject without genotype (prs_mask False, prs None, or a prs row with NaN when prs_mask is not
-given) gets the learned `prs_adapter.no_genotype` tokens, never an MLP of zeros.
+given) gets the learned `prs_adapter.no_genotype` tokens, never an MLP of zeros; when centred,
+the all-zero PRS reference instead, which adds exactly nothing.
 
 Padding: left or right padding both work for scoring and training; positions are counted from the
 attention mask (the first real event token has event position 0), so a padded row gives the same
@@ -188,6 +192,7 @@ class EhrPrsGenomicAdapter(nn.Module):
         super().__init__()
         self.n_prs, self.k, self.d = config.n_prs, config.prs_tokens, config.hidden_size
         self.prs_dropout = config.prs_dropout
+        self.centered = config.prs_centered
         if self.n_prs > 0:
             self.fc_in = nn.Linear(self.n_prs, config.prs_adapter_hidden_size)
             self.fc_out = nn.Linear(config.prs_adapter_hidden_size, self.k * self.d)
@@ -221,10 +226,23 @@ class EhrPrsGenomicAdapter(nn.Module):
         return genotyped
 
     def forward(self, prs, prs_mask, batch_size: int) -> torch.Tensor:
+        """(b, k, d) tokens; centred: (b, 2k, d), the subject's tokens then those of all-zero PRS."""
         device = self.no_genotype.device
         prs = prs.to(device) if prs is not None else None
         prs_mask = prs_mask.to(device) if prs_mask is not None else None
         genotyped = self.genotyped_rows(prs, prs_mask, batch_size)  # (b,)
+        if self.centered:  # not genotyped = the all-zero reference itself, so its two halves cancel
+            if self.n_prs == 0:
+                reference = self.no_genotype[None]  # (1, k, d)
+            else:
+                zero = self.fc_in.weight.new_zeros(1, self.n_prs)
+                reference = self.fc_out(F.silu(self.fc_in(zero))).view(1, self.k, self.d)  # (1, k, d)
+            tokens = reference.expand(batch_size, self.k, self.d)
+            if self.n_prs > 0 and prs is not None and bool(genotyped.any()):
+                x = torch.where(genotyped[:, None], prs, 0.0).to(self.fc_in.weight.dtype)  # (b, n_prs)
+                mlp = self.fc_out(F.silu(self.fc_in(x))).view(batch_size, self.k, self.d)
+                tokens = torch.where(genotyped[:, None, None], mlp, tokens)
+            return self.norm(torch.cat([tokens, reference.expand(batch_size, self.k, self.d)], dim=1))
         tokens = self.no_genotype.expand(batch_size, self.k, self.d)  # (b, k, d)
         if self.n_prs > 0 and prs is not None:
             # Zero the hidden rows before the MLP: their values (NaN included) must not reach anything.
@@ -256,6 +274,7 @@ class EhrPrsGatedCrossAttention(nn.Module):
         self.value = nn.Linear(d, g * self.head_dim, bias=False)
         self.out = nn.Linear(h * self.head_dim, d, bias=False)
         self.gate = nn.Parameter(torch.zeros(1))
+        self.centered = config.prs_centered  # memory = [subject's k tokens, all-zero PRS's k tokens]
 
     def reassociated(self) -> bool:
         return type(self.query) is nn.Linear and type(self.out) is nn.Linear
@@ -281,18 +300,27 @@ class EhrPrsGatedCrossAttention(nn.Module):
             key, value = cache.layers[self.cache_idx].update(key, value)
         return key, value
 
-    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
-        b, q_len, d = hidden_states.shape
-        key, value = self.memory_tables(memory, cache)
-        x = self.norm(hidden_states)  # (b, q, d)
+    def attend(self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention of normed x (b, q, d) over one set of memory tables; before `out` unless reassociated."""
+        b, q_len, d = x.shape
         if self.reassociated():
             h, k = key.shape[1], key.shape[2]
             scores = x @ key.reshape(b, h * k, d).transpose(1, 2)  # (b, q, h * k)
             probs = torch.softmax(scores.view(b, q_len, h, k).float(), dim=-1).to(x.dtype)  # over memory tokens
-            out = probs.view(b, q_len, h * k) @ value.reshape(b, h * k, d)  # (b, q, d): sum over heads and tokens
+            return probs.view(b, q_len, h * k) @ value.reshape(b, h * k, d)  # (b, q, d): sum over heads and tokens
+        query = self.query(x).view(b, q_len, -1, self.head_dim).transpose(1, 2)  # (b, h, q, hd)
+        return sdpa(query, key, value, None, False).transpose(1, 2).reshape(b, q_len, -1)  # (b, q, h * hd)
+
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
+        key, value = self.memory_tables(memory, cache)
+        x = self.norm(hidden_states)  # (b, q, d)
+        if self.centered:  # subject's memory minus the all-zero PRS memory: exactly 0 where they are equal
+            k = key.shape[2] // 2
+            out = self.attend(x, key[:, :, :k], value[:, :, :k]) - self.attend(x, key[:, :, k:], value[:, :, k:])
         else:
-            query = self.query(x).view(b, q_len, -1, self.head_dim).transpose(1, 2)  # (b, h, q, hd)
-            out = self.out(sdpa(query, key, value, None, False).transpose(1, 2).reshape(b, q_len, -1))
+            out = self.attend(x, key, value)
+        if not self.reassociated():
+            out = self.out(out)
         return hidden_states + torch.tanh(self.gate) * out
 
 

@@ -9,7 +9,9 @@ For each label row the prompt is the subject's history up to `prediction_time` (
 sampled per prompt, batched across subjects, with a KV cache: the prompt is encoded once per
 subject and its K paths read that one copy (`_SharedPromptLayer`). A path stops when the days
 of its *generated* time tokens pass the horizon (the prompt's own time tokens never count), at
-end-of-record or death, or after `max_new_tokens`. Three estimators of P(target code within the horizon), all from the
+end-of-record or death, or after `max_new_tokens`. Tokens are drawn by inverse CDF from random
+numbers fixed by (--seed, label row): two models scored on the same labels share them (common
+random numbers), so a paired difference between them is not buried in sampling noise. Three estimators of P(target code within the horizon), all from the
 raw next-token distribution (never a top-k / top-p / temperature-warped one):
 
 - `mc`:       sample from the raw distribution; a path scores 1 if it emits a target code.
@@ -88,7 +90,6 @@ def sample_risk(
     rows, k = len(prompts), samples
     values = np.zeros((rows, k), dtype=np.float64)
     truncated = generated = 0
-    generator = torch.Generator(device=device).manual_seed(seed)
     target = torch.tensor(sorted(set(target_ids)), device=device)
     stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
     token_days = token_days.to(device=device, dtype=torch.float32)
@@ -99,10 +100,11 @@ def sample_risk(
     bar = tqdm(total=rows, desc=f"risk ({method}, K={k})", unit="row", disable=not progress)
     for start in range(0, rows, per_batch):
         idx = order[start : start + per_batch]
+        uniforms = torch.from_numpy(path_uniforms(seed, idx, k, max_new_tokens)).to(device)  # (b * k, steps)
         batch_values, batch_truncated, batch_generated = _sample_batch(
             model, [prompts[i] for i in idx], target, stops, token_days, horizon_days, method, k,
             None if prs is None else prs[idx].to(device), None if prs_mask is None else prs_mask[idx].to(device),
-            pad_token_id, max_new_tokens, generator, device,
+            pad_token_id, max_new_tokens, uniforms, device,
         )
         values[idx] = batch_values
         truncated += batch_truncated
@@ -112,6 +114,32 @@ def sample_risk(
     probability = values.mean(axis=1)
     stderr = values.std(axis=1, ddof=1) / math.sqrt(k) if k > 1 else np.full(rows, np.nan)
     return RiskScores(probability, stderr, values, truncated, generated)
+
+
+def path_uniforms(seed: int, rows: np.ndarray, k: int, steps: int) -> np.ndarray:
+    """(len(rows) * k, steps) uniforms in (0, 1]: entry [r * k + j, t] drives step t of path j of row rows[r].
+
+    Each label row draws from its own stream, seeded by (seed, row index), so its paths do not
+    depend on batching, and two models scored on the same labels with the same --seed use the
+    same numbers: common random numbers, which keep their sampled paths together wherever the
+    two next-token distributions agree and take most of the sampling noise out of a paired
+    comparison (ΔAUROC of an EHR+PRS model against its EHR-only base).
+    """
+    out = np.empty((len(rows) * k, steps), dtype=np.float64)
+    for r, row in enumerate(rows):
+        out[r * k:(r + 1) * k] = 1.0 - np.random.default_rng([seed, int(row)]).random((k, steps))
+    return out
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids (rows,) from probs (rows, vocab) by inverse CDF at u (rows,) in (0, 1].
+
+    The same u picks the same token under two close distributions, which is what couples the
+    paths of two models (see path_uniforms); zero-probability tokens are never picked.
+    """
+    cdf = probs.double().cumsum(dim=-1)  # (rows, vocab)
+    x = (u * cdf[:, -1]).unsqueeze(1)  # (rows, 1): in (0, total]
+    return torch.searchsorted(cdf, x).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 class _SharedPromptLayer(DynamicLayer):
@@ -233,7 +261,7 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torc
 
 
 def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k, prs, prs_mask,
-                  pad_token_id, max_new_tokens, generator, device):
+                  pad_token_id, max_new_tokens, uniforms, device):
     """Sample k paths for each of b prompts; returns (b, k) path values, truncated and generated counts."""
     ids, mask = _left_pad(prompts, pad_token_id, device)  # (b, s)
     b = ids.shape[0]
@@ -254,14 +282,14 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
     log_survival = torch.zeros(n, dtype=torch.float64, device=device)  # sum log(1 - h_t), per path
     event = torch.zeros(n, dtype=torch.bool, device=device)
     generated = 0
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logp = torch.log_softmax(logits, dim=-1)  # raw next-token distribution, (rows, vocab)
         if method in ("path", "survival"):
             h = torch.logsumexp(logp[:, target], dim=-1).exp().clamp(max=1 - 1e-12)  # (rows,)
             log_survival[live[alive]] += torch.log1p(-h[alive].double())
         if method == "survival":
             logp = logp.index_fill(1, target, float("-inf"))  # sample the no-event world
-        next_ids = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)  # (rows,)
+        next_ids = inverse_cdf_sample(logp.exp(), uniforms[live, step])  # (rows,)
         generated += int(alive.sum())
         elapsed = elapsed + token_days[next_ids]
         finished = elapsed > horizon
@@ -308,7 +336,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=16, help="sampled futures per label row (K)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="cap on generated tokens per path")
     parser.add_argument("--paths-per-batch", type=int, default=256, help="paths sampled together (rows x K)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed; label row i always gets the random numbers of (seed, i), so models "
+                             "scored on the same labels with the same seed share them (paired comparisons)")
     parser.add_argument("--limit", type=int, help="score only the first N label rows of the split")
 
 

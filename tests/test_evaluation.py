@@ -116,6 +116,21 @@ def test_paired_difference_against_itself_is_zero_with_p_one(tmp_path):
     assert res["models"]["a"]["auroc"] == pytest.approx(roc_auc_score(y, s))
 
 
+def test_paired_deltas_by_level_find_a_gain_where_it_is():
+    """A score that improves only in one group shows a paired gain there and none in the other."""
+    n = 4000
+    y, s = _data(n, seed=5)
+    group = np.where(np.arange(n) % 2 == 0, "genotyped", "not genotyped")
+    better = np.where(group == "genotyped", np.clip(s + 0.15 * y, 0, 1), s)
+    table = pl.DataFrame({"boolean_value": y.astype(bool), "ref": s, "new": better, "genotyped": group})
+    out = E.paired_deltas_by_level(table, "genotyped", ["ref", "new"], "ref", n_boot=300, seed=0)
+    g, ng = out["genotyped"]["models"]["new"], out["not genotyped"]["models"]["new"]
+    assert g["delta_auroc_ci"][0] > 0.01 and g["p_auroc"] < 0.01
+    assert ng["delta_auroc"] == 0 and ng["delta_auroc_ci"] == [0, 0]
+    tiny = table.head(30)  # under 20 rows of a class: the level is left out
+    assert E.paired_deltas_by_level(tiny, "genotyped", ["ref", "new"], "ref", n_boot=50, seed=0) == {}
+
+
 def test_paired_p_value():
     assert E.paired_p_value(np.zeros(10)) == 1.0
     assert E.paired_p_value(np.full(10, 0.1)) == 0.0
@@ -235,6 +250,11 @@ def test_cli_writes_metrics_report_and_figures(tmp_path, capsys):
     assert list(res["models"]) == ["a", "b", E.TRUTH_NAME] and res["n"] == n
     assert res["comparisons"]["b"]["delta_auroc"] > 0
     assert set(res["subgroups"]) == {"ancestry", "genotyped"}
+    by_g = res["comparisons_by_genotyped"]  # b = a + 0.05 * y in every row: it gains in both groups
+    assert set(by_g) == {"genotyped", "not genotyped"} and by_g["genotyped"]["n"] == geno.size
+    for level in by_g.values():
+        assert level["models"]["b"]["delta_auroc_ci"][0] > 0 and "a" not in level["models"]
+    assert "genotyped or not" in (out / "report.md").read_text()
     assert res["subgroups"]["genotyped"]["genotyped"]["n"] == geno.size
     dec = res["prs_deciles"]
     assert dec["column"] == "PGS000001" and dec["within"] == "ancestry" and len(dec["deciles"]) == 10

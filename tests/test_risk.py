@@ -15,7 +15,7 @@ import torch
 from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
 from modeling_ehr_prs.errors import InputError
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
-from modeling_ehr_prs.risk import sample_risk
+from modeling_ehr_prs.risk import inverse_cdf_sample, sample_risk
 
 # token ids of the hand-set vocabulary
 PAD, EOS, TARGET_A, TARGET_B, DAY1, WEEK1, OTHER = 0, 1, 2, 3, 4, 5, 6
@@ -105,15 +105,48 @@ def test_time_counts_generated_tokens_only():
     assert abs(r.probability[0] - r.probability[1]) < 4 * math.hypot(r.stderr[0], r.stderr[1])
 
 
-def test_same_seed_same_answer_and_order_independence():
+def test_same_seed_same_answer_whatever_the_batching():
     p = fixed_distribution()
     model = constant_model(p)
     prompts = [[OTHER] * n for n in (1, 7, 3, 5)]
     a = sample_risk(model, prompts, [TARGET_A], DAYS, HORIZON, method="mc", samples=8, stop_ids=[EOS], seed=3,
                     progress=False)
     b = sample_risk(model, prompts, [TARGET_A], DAYS, HORIZON, method="mc", samples=8, stop_ids=[EOS], seed=3,
-                    progress=False)
+                    paths_per_batch=8, progress=False)  # one prompt per batch instead of all four
     np.testing.assert_array_equal(a.path_values, b.path_values)
+    c = sample_risk(model, prompts, [TARGET_A], DAYS, HORIZON, method="mc", samples=8, stop_ids=[EOS], seed=4,
+                    progress=False)
+    assert not np.array_equal(a.path_values, c.path_values)
+
+
+def test_inverse_cdf_sampling_has_the_distribution_and_skips_zero_mass():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(200_000, -1)
+    u = torch.from_numpy(1.0 - np.random.default_rng(0).random(200_000))
+    ids = inverse_cdf_sample(probs, u)
+    freq = torch.bincount(ids, minlength=4).double() / len(ids)
+    assert freq[1] == 0 and torch.allclose(freq, probs[0].double(), atol=0.004)
+    edge = inverse_cdf_sample(torch.tensor([[0.0, 1.0], [0.5, 0.5]]), torch.tensor([1e-12, 1.0], dtype=torch.float64))
+    assert edge.tolist() == [1, 1]
+
+
+def test_common_random_numbers_take_the_sampling_noise_out_of_a_paired_difference():
+    """Two models a little apart (target mass 0.010 vs 0.012 per step), scored with the same seed, keep
+    their paths together: the per-row difference has far less spread than with independent seeds,
+    and its mean still estimates the true difference of risks."""
+    p = fixed_distribution()
+    q = p.clone()
+    q[TARGET_A] *= 1.0 + 0.002 / float(q[TARGET_A])  # +0.002 target mass, taken from OTHER tokens
+    q[OTHER:] -= 0.002 / (VOCAB - OTHER)
+    truth = exact_risk(q) - exact_risk(p)
+    prompts = [[OTHER]] * 64
+    kw = dict(method="survival", samples=8, stop_ids=[EOS], pad_token_id=PAD, max_new_tokens=600, progress=False)
+    base = sample_risk(constant_model(p), prompts, [TARGET_A, TARGET_B], DAYS, HORIZON, seed=0, **kw)
+    paired = sample_risk(constant_model(q), prompts, [TARGET_A, TARGET_B], DAYS, HORIZON, seed=0, **kw)
+    apart = sample_risk(constant_model(q), prompts, [TARGET_A, TARGET_B], DAYS, HORIZON, seed=1, **kw)
+    d_crn = paired.probability - base.probability  # (rows,)
+    d_ind = apart.probability - base.probability
+    assert d_crn.std() < 0.25 * d_ind.std(), (d_crn.std(), d_ind.std())
+    assert abs(d_crn.mean() - truth) < 4 * d_crn.std() / math.sqrt(len(d_crn)) + 0.002, (d_crn.mean(), truth)
 
 
 def test_bad_arguments_are_clear_errors():
@@ -210,7 +243,7 @@ def test_risk_cli_labels_for_absent_subjects_and_missing_standardiser(pipeline, 
     assert "prs_standardizer.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fusion", ["none", "prefix", "cross_attention"])
+@pytest.mark.parametrize("fusion", ["none", "prefix", "cross_attention", "centered"])
 def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
     """The sampler keeps one copy of each prompt for its K paths; the model must see no difference
     from K repeated copies: left padding, grouped-query heads (tiny: 4 query / 2 key-value heads),
@@ -218,7 +251,9 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
     from modeling_ehr_prs.risk import _share_prompts
 
     torch.manual_seed(0)
-    config = EhrPrsConfig.from_preset("tiny", vocab_size=VOCAB, n_prs=8, prs_fusion=fusion)
+    centered = fusion == "centered"  # cross-attention with prs_centered
+    config = EhrPrsConfig.from_preset("tiny", vocab_size=VOCAB, n_prs=8, prs_centered=centered,
+                                      prs_fusion="cross_attention" if centered else fusion)
     model = EhrPrsForCausalLM(config).eval()
     with torch.no_grad():  # cross-attention's output projection starts at 0: draw it so the memory counts
         for layer in model.model.layers:

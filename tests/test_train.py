@@ -113,6 +113,21 @@ def test_init_from_ehr_only_adds_a_genomic_adapter(data, tmp_path):
     assert any("prs" in n for n in after.state_dict())
 
 
+def test_init_from_takes_the_adapter_shape_from_config_overrides(data, tmp_path):
+    base = train.train(args_for(data, tmp_path / "ehr", prs_fusion="none", max_steps=1))
+    out = train.train(args_for(data, tmp_path / "x", prs_fusion="cross_attention", init_from=str(base),
+                               freeze_backbone=True, max_steps=1,
+                               config_overrides=TINY.replace("prs_tokens=2", "prs_tokens=3")
+                               + ",prs_cross_attention_layers=[1],prs_adapter_hidden_size=8"))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["prs_tokens"], config["prs_cross_attention_layers"], config["prs_adapter_hidden_size"]) == (3, [1], 8)
+    names = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(n.startswith("model.layers.1.prs_cross_attn") for n in names)
+    assert not any(n.startswith("model.layers.0.prs_cross_attn") for n in names)
+    with pytest.raises(InputError, match=r"hidden_size=48 \(checkpoint: 32\)"):
+        train.train(args_for(data, tmp_path / "y", init_from=str(base), config_overrides="hidden_size=48"))
+
+
 def test_errors_before_training(data, tmp_path):
     with pytest.raises(InputError, match="not a folder written by `ehr-prs tokenize`"):
         train.train(args_for(tmp_path, tmp_path / "x"))
