@@ -151,7 +151,8 @@ ADAPTER_FIELDS = ("prs_tokens", "prs_adapter_hidden_size", "prs_cross_attention_
 
 def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: int) -> EhrPrsForCausalLM:
     """A fresh model from a preset, or a checkpoint extended to this run's genomic adapter."""
-    overrides = parse_overrides(args.config_overrides)
+    requested = parse_overrides(args.config_overrides)
+    overrides = {**requested}
     overrides.update(
         vocab_size=len(tokenizer),
         n_prs=n_prs,
@@ -179,7 +180,7 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
         )
     config_dict = base.to_dict()
     # The adapter is new, so its shape may be set here; the decoder's comes from the checkpoint.
-    clash = sorted(f"{k}={v} (checkpoint: {config_dict.get(k)})" for k, v in parse_overrides(args.config_overrides).items()
+    clash = sorted(f"{k}={v} (checkpoint: {config_dict.get(k)})" for k, v in requested.items()
                    if k not in ADAPTER_FIELDS and config_dict.get(k) != v)
     if clash:
         raise InputError(

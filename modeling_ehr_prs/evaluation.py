@@ -304,19 +304,26 @@ def paired_deltas_by_level(table: pl.DataFrame, var: str, models: list[str], ref
         y = g["boolean_value"].to_numpy().astype(np.int8)
         if g.height < min_cell or not 0 < y.sum() < y.size or min(y.sum(), y.size - y.sum()) < min_cell:
             continue
-        boot = bootstrap_metrics(y, {m: g[m].to_numpy() for m in models}, n_boot, seed)
-        cell = {}
-        for m in models:
-            if m == reference:
-                continue
-            comp = {}
-            for k in ("auroc", "auprc"):
-                d = boot[m][k] - boot[reference][k]
-                comp[f"delta_{k}"] = point_metrics(y, g[m].to_numpy())[k] - point_metrics(y, g[reference].to_numpy())[k]
-                comp[f"delta_{k}_ci"] = percentile_ci(d)
-                comp[f"p_{k}"] = paired_p_value(d)
-            cell[m] = comp
+        scores = {m: g[m].to_numpy() for m in models}
+        points = {m: point_metrics(y, scores[m]) for m in models}
+        cell = paired_deltas(points, bootstrap_metrics(y, scores, n_boot, seed), reference)
+        del cell[reference]
         out[str(level)] = {"n": small(g.height, min_cell), "n_positive": small(int(y.sum()), min_cell), "models": cell}
+    return out
+
+
+def paired_deltas(points: dict[str, dict], boot: dict[str, dict], reference: str) -> dict[str, dict]:
+    """{model: ΔAUROC/ΔAUPRC vs reference, with paired bootstrap CI and p} from point metrics and
+    bootstrap values computed on the same resamples for every model."""
+    out = {}
+    for m in points:
+        comp = {}
+        for k in ("auroc", "auprc"):
+            d = boot[m][k] - boot[reference][k]  # paired: same resamples
+            comp[f"delta_{k}"] = points[m][k] - points[reference][k]
+            comp[f"delta_{k}_ci"] = percentile_ci(d)
+            comp[f"p_{k}"] = paired_p_value(d)
+        out[m] = comp
     return out
 
 
@@ -490,14 +497,7 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
         c["n"] = [small(n, inputs.min_cell) for n in c["n"]]
         r["calibration"] = c
         res["models"][m] = r
-    for m in models:
-        comp = {}
-        for k in ("auroc", "auprc"):
-            d = boot[m][k] - boot[reference][k]  # paired: same resamples
-            comp[f"delta_{k}"] = res["models"][m][k] - res["models"][reference][k]
-            comp[f"delta_{k}_ci"] = percentile_ci(d)
-            comp[f"p_{k}"] = paired_p_value(d)
-        res["comparisons"][m] = comp
+    res["comparisons"] = paired_deltas(res["models"], boot, reference)
     groups = table.select(KEY)
     variables: list[str] = []
     if inputs.meds is not None:

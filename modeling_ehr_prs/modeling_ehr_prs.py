@@ -231,24 +231,20 @@ class EhrPrsGenomicAdapter(nn.Module):
         prs = prs.to(device) if prs is not None else None
         prs_mask = prs_mask.to(device) if prs_mask is not None else None
         genotyped = self.genotyped_rows(prs, prs_mask, batch_size)  # (b,)
-        if self.centered:  # not genotyped = the all-zero reference itself, so its two halves cancel
-            if self.n_prs == 0:
-                reference = self.no_genotype[None]  # (1, k, d)
-            else:
-                zero = self.fc_in.weight.new_zeros(1, self.n_prs)
-                reference = self.fc_out(F.silu(self.fc_in(zero))).view(1, self.k, self.d)  # (1, k, d)
-            tokens = reference.expand(batch_size, self.k, self.d)
-            if self.n_prs > 0 and prs is not None and bool(genotyped.any()):
-                x = torch.where(genotyped[:, None], prs, 0.0).to(self.fc_in.weight.dtype)  # (b, n_prs)
-                mlp = self.fc_out(F.silu(self.fc_in(x))).view(batch_size, self.k, self.d)
-                tokens = torch.where(genotyped[:, None, None], mlp, tokens)
-            return self.norm(torch.cat([tokens, reference.expand(batch_size, self.k, self.d)], dim=1))
-        tokens = self.no_genotype.expand(batch_size, self.k, self.d)  # (b, k, d)
+        # Who is not genotyped gets the "no genotype" tokens; when centred, the all-zero PRS's own
+        # tokens instead, so the two halves of their memory are equal and cancel.
+        fill = self.no_genotype[None]  # (1, k, d)
+        if self.centered and self.n_prs > 0:
+            zero = self.fc_in.weight.new_zeros(1, self.n_prs)
+            fill = self.fc_out(F.silu(self.fc_in(zero))).view(1, self.k, self.d)
+        tokens = fill.expand(batch_size, self.k, self.d)  # (b, k, d)
         if self.n_prs > 0 and prs is not None:
             # Zero the hidden rows before the MLP: their values (NaN included) must not reach anything.
             x = torch.where(genotyped[:, None], prs, 0.0).to(self.fc_in.weight.dtype)  # (b, n_prs)
             mlp = self.fc_out(F.silu(self.fc_in(x))).view(batch_size, self.k, self.d)  # (b, k, d)
             tokens = torch.where(genotyped[:, None, None], mlp, tokens)
+        if self.centered:
+            tokens = torch.cat([tokens, fill.expand(batch_size, self.k, self.d)], dim=1)  # (b, 2k, d)
         return self.norm(tokens)
 
 

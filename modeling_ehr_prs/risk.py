@@ -11,8 +11,10 @@ subject and its K paths read that one copy (`_SharedPromptLayer`). A path stops 
 of its *generated* time tokens pass the horizon (the prompt's own time tokens never count), at
 end-of-record or death, or after `max_new_tokens`. Tokens are drawn by inverse CDF from random
 numbers fixed by (--seed, label row): two models scored on the same labels share them (common
-random numbers), so a paired difference between them is not buried in sampling noise. Three estimators of P(target code within the horizon), all from the
-raw next-token distribution (never a top-k / top-p / temperature-warped one):
+random numbers), so a paired difference between them is not buried in sampling noise.
+
+Three estimators of P(target code within the horizon), all from the raw next-token distribution
+(never a top-k / top-p / temperature-warped one):
 
 - `mc`:       sample from the raw distribution; a path scores 1 if it emits a target code.
 - `path`:     the paper's: along a raw-sampled path, h_t = probability mass on the target codes
