@@ -34,7 +34,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 
 import modeling_ehr_prs  # noqa: F401  (registers the Auto classes)
 from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.configuration_ehr_prs import PRESETS, EhrPrsConfig
+from modeling_ehr_prs.configuration_ehr_prs import PRESETS, PRS_FUSIONS, EhrPrsConfig
 from modeling_ehr_prs.errors import InputError
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
 
@@ -50,7 +50,9 @@ class PretrainArguments:
     output_dir: str = field(metadata={"help": "Where checkpoints and the final self-contained model folder go."})
     preset: str = field(default="small", metadata={"help": f"Model size: one of {sorted(PRESETS)}."})
     prs_fusion: str = field(
-        default="prefix", metadata={"help": "Genomic adapter: none (EHR-only), prefix or cross_attention."}
+        default="prefix",
+        metadata={"help": "Genomic adapter: none (EHR-only), prefix, cross_attention or logit_bias (with "
+                          "--init-from and --freeze-backbone, fitted in closed form: no gradient steps)."},
     )
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
     init_from: str | None = field(
@@ -146,7 +148,7 @@ def parse_overrides(text: str | None) -> dict:
 
 # Config fields of the genomic adapter: with --init-from they are the only ones --config-overrides may set.
 ADAPTER_FIELDS = ("prs_tokens", "prs_adapter_hidden_size", "prs_cross_attention_layers", "prs_dropout",
-                  "prs_centered")
+                  "prs_centered", "prs_logit_bias_rank")
 
 
 def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: int) -> EhrPrsForCausalLM:
@@ -247,8 +249,8 @@ def parse_args(argv: list[str] | None) -> PretrainArguments:
 def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Run the recipe; return the folder holding the final model."""
     data_dir, out_dir = Path(args.data), Path(args.output_dir)
-    if args.prs_fusion not in ("none", "prefix", "cross_attention"):
-        raise InputError(f"--prs-fusion {args.prs_fusion!r}: choose none, prefix or cross_attention")
+    if args.prs_fusion not in PRS_FUSIONS:
+        raise InputError(f"--prs-fusion {args.prs_fusion!r}: choose one of {', '.join(PRS_FUSIONS)}")
     tokenizer, train_ds, tuning_ds = load_tokenized(data_dir)
     n_prs = n_prs_of(train_ds)
     if args.prs_fusion != "none" and n_prs == 0:
@@ -323,17 +325,30 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         callbacks=[TokensPerSecond(), *(callbacks or [])],
     )
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+    fit_report = None
+    if args.prs_fusion == "logit_bias" and args.freeze_backbone:
+        # On a frozen decoder the logit-bias adapter is a regression with a direct solution.
+        from modeling_ehr_prs.prs_bias import fit_logit_bias
+
+        full_tuning = load_tokenized(data_dir)[2]
+        std = data_dir / "tokenizer" / STANDARDIZER_FILE
+        columns = json.loads(std.read_text()).get("columns") if std.exists() else None
+        fit_report = fit_logit_bias(model, tokenizer, train_ds, full_tuning, batch_size=args.batch_size,
+                                    max_length=max_seq_length, prs_columns=columns, seed=args.seed)
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     elapsed = time.perf_counter() - t0
     eval_metrics = trainer.evaluate() if tuning_ds is not None else {}
 
     trainer.save_model(str(out_dir))  # every process calls it (distributed saving); rank 0 writes
     if trainer.is_world_process_zero():
-        write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval_metrics, elapsed)
+        write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval_metrics, elapsed, fit_report)
     return out_dir
 
 
-def write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval_metrics, elapsed) -> None:
+def write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval_metrics, elapsed,
+                       fit_report: dict | None = None) -> None:
     """Config + safetensors + tokenizer + PRS standardiser + summary: one folder that loads alone."""
     tokenizer.save_pretrained(str(out_dir))
     # Trainer pickles its arguments next to the weights; a model folder we share holds none.
@@ -352,7 +367,7 @@ def write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval
         "train_seconds": round(elapsed, 1),
         "tokens_per_second": round(tokens / max(elapsed, 1e-9), 1),
         "final_train_loss": history[-1]["loss"] if history else None,
-        "mean_train_loss": result.training_loss,
+        "mean_train_loss": result.training_loss if result is not None else None,
         "final_eval_loss": eval_metrics.get("eval_loss"),
         "eval_perplexity": math.exp(eval_metrics["eval_loss"]) if "eval_loss" in eval_metrics else None,
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
@@ -360,7 +375,17 @@ def write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval
         "world_size": trainer.args.world_size,
         "args": asdict(args),
     }
+    if fit_report is not None:
+        summary["logit_bias_fit"] = fit_report
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    if fit_report is not None:
+        gains = {p["lambda"]: p.get("tuning_gain_nats") for p in fit_report.get("penalty_path", [])}
+        top = [f"{f['family']} {f['tuning_gain_nats']}" for f in fit_report.get("families", [])[:5]]
+        print(f"logit_bias fitted in closed form on {fit_report['genotyped_train_sequences']:,} genotyped sequences, "
+              f"{fit_report['families_fitted']} code families; tuning log-likelihood gain (nats) by penalty {gains}, "
+              f"chosen {fit_report['chosen_lambda']}; refitted per family: {fit_report.get('families_with_an_effect')} "
+              f"families with an effect, largest gains: {', '.join(top)}"
+              + (f"; {fit_report['note']}" if "note" in fit_report else ""))
     print(
         f"wrote {out_dir}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens at "
         f"{summary['tokens_per_second']:,.0f} tokens/s, final train loss {summary['final_train_loss']}, "

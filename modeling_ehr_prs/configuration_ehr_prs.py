@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-PRS_FUSIONS = ("none", "prefix", "cross_attention")
+PRS_FUSIONS = ("none", "prefix", "cross_attention", "logit_bias")
 
 # Architecture presets (sizes without the PRS adapter; checked in tests/test_modeling.py).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,7 +69,12 @@ class EhrPrsConfig(PretrainedConfig):
             soft prompt) or "cross_attention" (the adapter's tokens are a memory that the layers in
             `prs_cross_attention_layers` read through tanh-gated cross-attention whose output
             projection starts at 0, so an EHR-only checkpoint extended this way gives identical
-            outputs before training).
+            outputs before training), or "logit_bias" (the scores shift every next-token logit by a
+            linear function of them, logits + up(down(prs)), and nothing else: each code's odds are
+            multiplied by exp(w . prs), a proportional-hazards genetic effect on the decoder's
+            predictions; zero for a subject without genotype, and `up` starts at 0, so an extended
+            EHR-only checkpoint starts unchanged. On a frozen backbone `ehr-prs pretrain` fits it in
+            closed form, see modeling_ehr_prs/prs_bias.py).
         prs_tokens (int): number of embedding vectors the adapter makes from one PRS vector (paper: 10).
         prs_adapter_hidden_size (int): hidden width of the adapter MLP (n_prs -> this -> prs_tokens x
             hidden_size).
@@ -86,6 +91,10 @@ class EhrPrsConfig(PretrainedConfig):
             prs_dropout) gets exactly the decoder's own output. With a frozen EHR-only backbone this
             makes the EHR+PRS model the EHR-only model plus a genetic effect, nothing else.
             Default False (the adapter may also shift everyone, through the "no genotype" tokens).
+        prs_logit_bias_rank (int): logit_bias only: rank of the scores -> logits map (`down`: n_prs -> r
+            genetic liabilities, `up`: r -> vocab_size), so a 3,481-score panel over a 30,000-token
+            vocabulary needs r x 33 k weights, not 100 M. Centred by construction (all-zero scores or
+            no genotype add exactly 0), so prs_centered does not apply.
 
     Every value is checked when the config is built, when a model is built from it and when it is
     saved: a wrong value raises ValueError naming the field and what is allowed.
@@ -116,6 +125,7 @@ class EhrPrsConfig(PretrainedConfig):
     prs_cross_attention_layers: list[int] | None = None
     prs_dropout: float = 0.1
     prs_centered: bool = False
+    prs_logit_bias_rank: int = 16
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:
@@ -142,7 +152,8 @@ class EhrPrsConfig(PretrainedConfig):
     def validate(self) -> None:
         """Check every field (transformers 5 configs accept wrong types silently, so we do it here)."""
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "prs_tokens", "prs_adapter_hidden_size")
+                    "num_key_value_heads", "max_position_embeddings", "prs_tokens", "prs_adapter_hidden_size",
+                    "prs_logit_bias_rank")
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("n_prs", self.n_prs, minimum=0)
@@ -166,6 +177,9 @@ class EhrPrsConfig(PretrainedConfig):
         if self.prs_centered and self.prs_fusion == "prefix":
             raise ValueError("prs_centered=True needs prs_fusion='cross_attention' (a prefix always changes what "
                              "the decoder attends to, so it cannot be centred)")
+        if self.prs_centered and self.prs_fusion == "logit_bias":
+            raise ValueError("prs_centered=True needs prs_fusion='cross_attention': the logit_bias adapter is "
+                             "centred by construction (all-zero scores add nothing); leave prs_centered false")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")

@@ -334,6 +334,8 @@ def _architecture_rows(config: dict, n_params: int) -> list[str]:
             ("prs_tokens", config.get("prs_tokens"))]
     if config.get("prs_fusion") == "cross_attention":
         rows.append(("prs_cross_attention_layers", config.get("prs_cross_attention_layers")))
+    if config.get("prs_fusion") == "logit_bias":
+        rows.append(("prs_logit_bias_rank", config.get("prs_logit_bias_rank")))
     rows += [(k, config.get(k)) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                           "num_key_value_heads", "intermediate_size", "max_position_embeddings")]
     rows.append(("parameters (stored)", f"{n_params:,}"))
@@ -394,8 +396,8 @@ def render_card(repo_id: str, config: dict, n_params: int, files: list[tuple[str
              f"polygenic risk scores (PRS), from the [ehr-prs](https://arxiv.org/abs/2510.23639) implementation of "
              f"*{PAPER}*. It is a causal language model over MEDS event tokens (one token per medical code, plus "
              "time-gap, age, demographic and numeric-value-bin tokens); the PRS vector enters through a genomic "
-             "adapter (`prs_fusion`: `prefix` soft-prompt tokens, gated `cross_attention` memory tokens, or `none` "
-             "for the EHR-only baseline). Subjects without genotype data get a learned \"no genotype\" embedding, "
+             "adapter (`prs_fusion`: `prefix` soft-prompt tokens, gated `cross_attention` memory tokens, a "
+             "`logit_bias` log-linear shift of each code's odds, or `none` for the EHR-only baseline). Subjects without genotype data get a learned \"no genotype\" embedding, "
              "never an imputed average.", "", "## Model", "", *_architecture_rows(config, n_params), "",
              "## Training", "", *_training_lines(training_summary, random_weights), ""]
     num_labels = 1

@@ -16,6 +16,8 @@ The genomic adapter (config.prs_fusion):
     With config.prs_centered the memory is 2k tokens (the subject's, then those of all-zero PRS)
     and each block adds the difference of the two attentions: only deviations from the mean
     genome move the prediction.
+  * "logit_bias": no adapter in the decoder; EhrPrsForCausalLM adds up(down(prs)) (b, vocab) to
+    every position's logits, a log-linear genetic effect on each token's odds (`up` starts at 0).
 A subject without genotype (prs_mask False, prs None, or a prs row with NaN when prs_mask is not
 given) gets the learned `prs_adapter.no_genotype` tokens, never an MLP of zeros; when centred,
 the all-zero PRS reference instead, which adds exactly nothing.
@@ -33,10 +35,10 @@ Cached decoding contract (what `generate` does and what a hand-written sampling 
      prefix (prefix mode) or the projected PRS memory (cross-attention mode) too.
   2. Later calls: only the new `input_ids` (b, n), `past_key_values=cache` (or `cache=cache`) and
      `attention_mask` (b, events_so_far + n) over ALL event tokens so far (prompt + generated, no
-     prefix). `prs` may be omitted in both modes: the prefix and the cross-attention memory are
-     taken from the cache (a `prs` passed on such a call is ignored). Without a cache every call
+     prefix). `prs` may be omitted in every mode: the prefix, the cross-attention memory and the logit shift
+     are taken from the cache (a `prs` passed on such a call is ignored). Without a cache every call
      is a fresh forward and needs `prs` again.
-  The cross-attention memory K/V are stored as extra cache layers after the decoder's layers, so
+  The cross-attention memory K/V (or the logit shift) are stored as extra cache layers after the decoder's layers, so
   `cache.reorder_cache`, `batch_select_indices` and `batch_repeat_interleave` keep them in step.
 
 PEFT LoRA: the decoder's linear layers are q_proj, k_proj, v_proj, o_proj (self-attention) and
@@ -185,6 +187,33 @@ class EhrPrsMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def genotyped_rows(prs: torch.Tensor | None, prs_mask: torch.Tensor | None, batch_size: int, n_prs: int,
+                   prs_dropout: float, device: torch.device) -> torch.Tensor:
+    """Which rows use their PRS (b,) bool, after checking shapes; prs_dropout > 0 hides a random share."""
+    if prs is None:
+        if prs_mask is not None and bool(prs_mask.any()):
+            raise ValueError("prs_mask marks genotyped subjects but prs is None: pass prs (batch, n_prs)")
+        return torch.zeros(batch_size, dtype=torch.bool, device=device)
+    if prs.dim() != 2 or prs.shape[-1] != n_prs:
+        width = prs.shape[-1] if prs.dim() > 0 else 0
+        raise ValueError(f"prs has {width} columns (shape {tuple(prs.shape)}) but config.n_prs is {n_prs}: "
+                         f"pass prs of shape (batch, {n_prs})")
+    if prs.shape[0] != batch_size:
+        raise ValueError(f"prs has {prs.shape[0]} rows but the batch has {batch_size} sequences")
+    if prs_mask is None:  # rows with a missing score count as not genotyped
+        genotyped = torch.isfinite(prs).all(dim=-1)
+    else:
+        if prs_mask.shape != (batch_size,):
+            raise ValueError(f"prs_mask must have shape ({batch_size},), got {tuple(prs_mask.shape)}")
+        genotyped = prs_mask.to(device=prs.device, dtype=torch.bool)
+        if bool((~torch.isfinite(prs) & genotyped[:, None]).any()):
+            raise ValueError("prs has NaN/inf in rows marked genotyped (prs_mask True): standardise/impute "
+                             "them or set prs_mask False for those subjects")
+    if prs_dropout > 0:
+        genotyped = genotyped & (torch.rand(batch_size, device=prs.device) >= prs_dropout)
+    return genotyped
+
+
 class EhrPrsGenomicAdapter(nn.Module):
     """Standardised PRS (b, n_prs) -> k embedding vectors (b, k, d); learned tokens when not genotyped."""
 
@@ -201,29 +230,8 @@ class EhrPrsGenomicAdapter(nn.Module):
 
     def genotyped_rows(self, prs: torch.Tensor | None, prs_mask: torch.Tensor | None, batch_size: int) -> torch.Tensor:
         """Which rows use their PRS (b,) bool, after checking shapes and applying prs_dropout."""
-        device = self.no_genotype.device
-        if prs is None:
-            if prs_mask is not None and bool(prs_mask.any()):
-                raise ValueError("prs_mask marks genotyped subjects but prs is None: pass prs (batch, n_prs)")
-            return torch.zeros(batch_size, dtype=torch.bool, device=device)
-        if prs.dim() != 2 or prs.shape[-1] != self.n_prs:
-            width = prs.shape[-1] if prs.dim() > 0 else 0
-            raise ValueError(f"prs has {width} columns (shape {tuple(prs.shape)}) but config.n_prs is {self.n_prs}: "
-                             f"pass prs of shape (batch, {self.n_prs})")
-        if prs.shape[0] != batch_size:
-            raise ValueError(f"prs has {prs.shape[0]} rows but the batch has {batch_size} sequences")
-        if prs_mask is None:  # rows with a missing score count as not genotyped
-            genotyped = torch.isfinite(prs).all(dim=-1)
-        else:
-            if prs_mask.shape != (batch_size,):
-                raise ValueError(f"prs_mask must have shape ({batch_size},), got {tuple(prs_mask.shape)}")
-            genotyped = prs_mask.to(device=prs.device, dtype=torch.bool)
-            if bool((~torch.isfinite(prs) & genotyped[:, None]).any()):
-                raise ValueError("prs has NaN/inf in rows marked genotyped (prs_mask True): standardise/impute "
-                                 "them or set prs_mask False for those subjects")
-        if self.training and self.prs_dropout > 0:
-            genotyped = genotyped & (torch.rand(batch_size, device=prs.device) >= self.prs_dropout)
-        return genotyped
+        return genotyped_rows(prs, prs_mask, batch_size, self.n_prs, self.prs_dropout if self.training else 0.0,
+                              self.no_genotype.device)
 
     def forward(self, prs, prs_mask, batch_size: int) -> torch.Tensor:
         """(b, k, d) tokens; centred: (b, 2k, d), the subject's tokens then those of all-zero PRS."""
@@ -246,6 +254,47 @@ class EhrPrsGenomicAdapter(nn.Module):
         if self.centered:
             tokens = torch.cat([tokens, fill.expand(batch_size, self.k, self.d)], dim=1)  # (b, 2k, d)
         return self.norm(tokens)
+
+
+class EhrPrsLogitBias(nn.Module):
+    """Standardised PRS (b, n_prs) -> a shift of every next-token logit (b, vocab): up(down(prs)).
+
+    The whole genetic effect is log-linear: a subject's odds of each next token are multiplied by
+    exp(w_token . prs), as a proportional-hazards model would, and the decoder is left alone.
+    Rows without genotype (or hidden by prs_dropout) get exactly 0. In cached decoding the shift
+    is computed once and kept in the cache (the layer slot after the decoder's), so later calls
+    need no `prs` and the batch operations on the cache keep it in step.
+    """
+
+    def __init__(self, config: EhrPrsConfig) -> None:
+        super().__init__()
+        self.n_prs, self.prs_dropout = config.n_prs, config.prs_dropout
+        self.cache_idx = config.num_hidden_layers
+        rank = config.prs_logit_bias_rank
+        self.down = nn.Linear(config.n_prs, rank, bias=False)  # scores -> r genetic liabilities
+        # liabilities -> log-odds shift per token (vocab, r); a bare parameter so that initialisation
+        # (zeros, in _init_weights) is not overwritten by the generic nn.Linear one.
+        self.up = nn.Parameter(torch.zeros(config.vocab_size, rank))
+
+    def forward(self, prs, prs_mask, batch_size: int, cache: Cache | None = None) -> torch.Tensor | None:
+        """(b, vocab) logit shift; zero rows for subjects without genotype."""
+        if _has_memory(cache, self.cache_idx):
+            shift = cache.layers[self.cache_idx].keys[:, 0, 0]  # (b, vocab)
+            return shift
+        device = self.up.device
+        prs = prs.to(device) if prs is not None else None
+        prs_mask = prs_mask.to(device) if prs_mask is not None else None
+        genotyped = genotyped_rows(prs, prs_mask, batch_size, self.n_prs,
+                                   self.prs_dropout if self.training else 0.0, device)  # (b,)
+        shift = self.up.new_zeros(batch_size, self.up.shape[0])  # (b, vocab)
+        if prs is not None and self.n_prs > 0:
+            x = torch.where(genotyped[:, None], prs, 0.0).to(self.down.weight.dtype)  # (b, n_prs); NaN never reaches it
+            shift = torch.where(genotyped[:, None], self.down(x) @ self.up.T, shift)
+        if cache is not None:
+            while len(cache.layers) <= self.cache_idx:
+                cache.layers.append(DynamicLayer())
+            cache.layers[self.cache_idx].update(shift[:, None, None], shift[:, None, None])  # (b, 1, 1, vocab)
+        return shift
 
 
 class EhrPrsGatedCrossAttention(nn.Module):
@@ -365,6 +414,8 @@ class EhrPrsPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
         elif isinstance(module, EhrPrsGenomicAdapter):
             init.normal_(module.no_genotype, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, EhrPrsLogitBias):
+            init.zeros_(module.up)  # an extended EHR-only checkpoint starts unchanged; `down` gets gradient
         elif isinstance(module, EhrPrsGatedCrossAttention):
             # An extended EHR-only checkpoint must start with unchanged outputs. A zero output
             # projection does that while the gate is open, so the projection gets a gradient from
@@ -387,7 +438,7 @@ class EhrPrsModel(EhrPrsPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.prs_adapter = EhrPrsGenomicAdapter(config) if config.prs_fusion != "none" else None
+        self.prs_adapter = EhrPrsGenomicAdapter(config) if config.prs_fusion in ("prefix", "cross_attention") else None
         self.layers = nn.ModuleList(EhrPrsDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = EhrPrsRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = EhrPrsRotaryEmbedding(config)
@@ -528,6 +579,7 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = EhrPrsModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.prs_logit_bias = EhrPrsLogitBias(config) if config.prs_fusion == "logit_bias" else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -575,6 +627,9 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         else:
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)  # (b, s, vocab)
+        if self.prs_logit_bias is not None:
+            shift = self.prs_logit_bias(prs, prs_mask, logits.shape[0], outputs.cache)  # (b, vocab)
+            logits = logits + shift[:, None, :].to(logits.dtype)
 
         loss = None
         if labels is not None:
@@ -637,6 +692,10 @@ class EhrPrsForSequenceClassification(EhrPrsPreTrainedModel):
     accepts_loss_kwargs = False  # a per-batch mean: let Trainer scale it for gradient accumulation
 
     def __init__(self, config: EhrPrsConfig) -> None:
+        if config.prs_fusion == "logit_bias":
+            raise ValueError("prs_fusion='logit_bias' acts on next-token logits only, so a classifier on it would "
+                             "never read the scores: fine-tune a prefix or cross_attention model (or the "
+                             "EHR-only one), or use the linear probe / GBM with PRS features")
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = EhrPrsModel(config)

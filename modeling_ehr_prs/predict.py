@@ -82,6 +82,11 @@ def load_base_classifier(model_dir: str | Path):
     if not (model_dir / "config.json").exists():
         raise InputError(f"--model {model_dir}: no config.json; expected a folder written by `ehr-prs pretrain` "
                          "(or by `ehr-prs finetune --method probe|full`)")
+    fusion = json.loads((model_dir / "config.json").read_text()).get("prs_fusion")
+    if fusion == "logit_bias":
+        raise InputError(f"--model {model_dir} has prs_fusion logit_bias, which acts on next-token logits only: a "
+                         "classifier on it would never read the scores. Fine-tune its base (the EHR-only model it "
+                         "was fitted on) or a prefix / cross_attention model; use it with `ehr-prs risk`")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expected "score.* newly initialised" report is noise here
     try:

@@ -102,7 +102,7 @@ def sample_risk(
     bar = tqdm(total=rows, desc=f"risk ({method}, K={k})", unit="row", disable=not progress)
     for start in range(0, rows, per_batch):
         idx = order[start : start + per_batch]
-        uniforms = torch.from_numpy(path_uniforms(seed, idx, k, max_new_tokens)).to(device)  # (b * k, steps)
+        uniforms = torch.from_numpy(path_uniforms(seed, idx, k, max_new_tokens)).to(device)  # (b * k, steps, 2)
         batch_values, batch_truncated, batch_generated = _sample_batch(
             model, [prompts[i] for i in idx], target, stops, token_days, horizon_days, method, k,
             None if prs is None else prs[idx].to(device), None if prs_mask is None else prs_mask[idx].to(device),
@@ -119,17 +119,18 @@ def sample_risk(
 
 
 def path_uniforms(seed: int, rows: np.ndarray, k: int, steps: int) -> np.ndarray:
-    """(len(rows) * k, steps) uniforms in (0, 1]: entry [r * k + j, t] drives step t of path j of row rows[r].
+    """(len(rows) * k, steps, 2) uniforms in (0, 1]: [r * k + j, t] drives step t of path j of row rows[r].
 
     Each label row draws from its own stream, seeded by (seed, row index), so its paths do not
     depend on batching, and two models scored on the same labels with the same --seed use the
     same numbers: common random numbers, which keep their sampled paths together wherever the
     two next-token distributions agree and take most of the sampling noise out of a paired
-    comparison (ΔAUROC of an EHR+PRS model against its EHR-only base).
+    comparison (ΔAUROC of an EHR+PRS model against its EHR-only base). Two numbers per step:
+    see coupled_sample.
     """
-    out = np.empty((len(rows) * k, steps), dtype=np.float64)
+    out = np.empty((len(rows) * k, steps, 2), dtype=np.float64)
     for r, row in enumerate(rows):
-        out[r * k:(r + 1) * k] = 1.0 - np.random.default_rng([seed, int(row)]).random((k, steps))
+        out[r * k:(r + 1) * k] = 1.0 - np.random.default_rng([seed, int(row)]).random((k, steps, 2))
     return out
 
 
@@ -142,6 +143,23 @@ def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(dim=-1)  # (rows, vocab)
     x = (u * cdf[:, -1]).unsqueeze(1)  # (rows, 1): in (0, total]
     return torch.searchsorted(cdf, x).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def coupled_sample(probs: torch.Tensor, is_target: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids (rows,) from probs (rows, vocab) in two draws: a target token or not (u[:, 0] against
+    the target mass h), then which token of that group (inverse CDF at u[:, 1]).
+
+    Same distribution as one inverse-CDF draw, but a better coupling for the question asked: two
+    models that differ in how likely the target is (a genetic effect on T2D codes) then differ in a
+    path only when u[:, 0] falls between their two h, and otherwise pick the same non-target token.
+    With one draw over the whole vocabulary, moving the target's mass moves the CDF boundary of
+    every token after it, and the paths part within a few steps.
+    """
+    p = probs.double()  # (rows, vocab)
+    p_target, p_other = p * is_target, p * ~is_target
+    h = p_target.sum(-1) / p.sum(-1)  # (rows,)
+    hit = u[:, 0] <= h  # P(hit) = h for u in (0, 1]
+    return torch.where(hit, inverse_cdf_sample(p_target, u[:, 1]), inverse_cdf_sample(p_other, u[:, 1]))
 
 
 class _SharedPromptLayer(DynamicLayer):
@@ -283,6 +301,8 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
     elapsed = torch.zeros(n, device=device)  # generated days so far, per cache row
     log_survival = torch.zeros(n, dtype=torch.float64, device=device)  # sum log(1 - h_t), per path
     event = torch.zeros(n, dtype=torch.bool, device=device)
+    is_target = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+    is_target[target] = True
     generated = 0
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits, dim=-1)  # raw next-token distribution, (rows, vocab)
@@ -291,7 +311,7 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
             log_survival[live[alive]] += torch.log1p(-h[alive].double())
         if method == "survival":
             logp = logp.index_fill(1, target, float("-inf"))  # sample the no-event world
-        next_ids = inverse_cdf_sample(logp.exp(), uniforms[live, step])  # (rows,)
+        next_ids = coupled_sample(logp.exp(), is_target, uniforms[live, step])  # (rows,)
         generated += int(alive.sum())
         elapsed = elapsed + token_days[next_ids]
         finished = elapsed > horizon

@@ -5,7 +5,7 @@
 #   bash scripts/demo.sh OUT_DIR   (with the venv's ehr-prs on PATH)
 #
 # simulate -> tokenize -> pretrain the EHR-only model -> continue it with a genomic adapter
-# (prefix and cross-attention; the backbone frozen, the paper's second route) -> zero-shot T2D
+# (prefix, cross-attention and logit bias; the backbone frozen, the paper's second route) -> zero-shot T2D
 # risk on the held-out split -> baselines -> evaluate (OUT_DIR/report/report.md), then transfer
 # to stroke and COPD with LoRA, a linear probe and GBM+PRS, with few-shot curves
 # (OUT_DIR/report_{stroke,copd}/report.md, OUT_DIR/fewshot/{stroke,copd}/fewshot.png).
@@ -39,7 +39,7 @@ ehr-prs simulate --out "$OUT/cohort" --subjects "$SUBJECTS" --n-prs "$N_PRS" --s
 step "2/7 tokenize (vocabulary and value bins from the train split, PRS standardised within ancestry)"
 ehr-prs tokenize --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" --out "$OUT/tok" --max-length 512
 
-step "3/7 pretrain: EHR-only for $STEPS steps (preset $PRESET), then a genomic adapter on it ($ADAPTER_STEPS steps each)"
+step "3/7 pretrain: EHR-only for $STEPS steps (preset $PRESET), then genomic adapters on it ($ADAPTER_STEPS steps each; logit bias fitted)"
 # The paper's second route: the EHR+PRS models continue the EHR-only checkpoint with a new
 # adapter and a frozen backbone, so any difference between them comes from the PRS.
 ehr-prs pretrain --data "$OUT/tok" --output-dir "$OUT/models/none" --preset "$PRESET" --prs-fusion none \
@@ -58,12 +58,19 @@ for fusion in prefix cross_attention; do
     --learning-rate "$LR" --warmup-steps 30 --eval-steps "$ADAPTER_STEPS" --save-steps "$ADAPTER_STEPS" \
     --save-total-limit 1 --logging-steps 50 --max-eval-samples 512 ${EXTRA[@]+"${EXTRA[@]}"}
 done
+# The logit-bias adapter (a log-linear genetic effect on each code's rate) on the same frozen model:
+# no gradient steps, a Poisson regression of each code family's first occurrence on the scores,
+# solved from one forward pass over the training split (modeling_ehr_prs/prs_bias.py). Gradient
+# steps learn only 1/30-1/100 of the T2D effect in 300 steps (README, Results).
+step "    adapter prs_fusion=logit_bias on the frozen EHR-only model, fitted in closed form"
+ehr-prs pretrain --data "$OUT/tok" --output-dir "$OUT/models/logit_bias" --init-from "$OUT/models/none" \
+  --freeze-backbone --prs-fusion logit_bias --batch-size 16 --max-seq-length 512 --max-eval-samples 512
 
 step "4/7 zero-shot T2D risk within $HORIZON days on the held-out split (path estimator, K=$SAMPLES)"
 # Same labels and --seed for the three models: common random numbers, so their paired deltas
 # measure the models, not the sampling noise.
 mkdir -p "$OUT/predictions"
-for fusion in none prefix cross_attention; do
+for fusion in none prefix cross_attention logit_bias; do
   ehr-prs risk --model "$OUT/models/$fusion" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
     --labels "$OUT/cohort/labels/t2d.parquet" --codes 'ICD10CM/E11*' --horizon-days "$HORIZON" \
     --method path --samples "$SAMPLES" --split held_out --out "$OUT/predictions/t2d_$fusion.parquet"
@@ -83,6 +90,7 @@ ehr-prs evaluate --out "$OUT/report" --reference "EHR-only" \
   --predictions "EHR-only=$OUT/predictions/t2d_none.parquet" \
                 "EHR+PRS prefix=$OUT/predictions/t2d_prefix.parquet" \
                 "EHR+PRS cross-attention=$OUT/predictions/t2d_cross_attention.parquet" \
+                "EHR+PRS logit bias=$OUT/predictions/t2d_logit_bias.parquet" \
                 "PRS-only LR=$OUT/predictions/t2d_prs-lr.parquet" \
                 "GBM counts=$OUT/predictions/t2d_counts-gbm.parquet" \
                 "GBM counts+PRS=$OUT/predictions/t2d_counts-gbm-prs.parquet" \

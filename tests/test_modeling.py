@@ -19,7 +19,7 @@ import modeling_ehr_prs  # noqa: F401  (registers the Auto classes)
 from modeling_ehr_prs.configuration_ehr_prs import PRESETS, EhrPrsConfig
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM, EhrPrsForSequenceClassification
 
-FUSIONS = ["none", "prefix", "cross_attention"]
+FUSIONS = ["none", "prefix", "cross_attention", "logit_bias"]
 N_PRS = 6
 VOCAB = PRESETS["tiny"]["vocab_size"]
 ATOL = 1e-5
@@ -33,7 +33,8 @@ def tiny_config(fusion: str = "prefix", **overrides) -> EhrPrsConfig:
 
 
 def make_model(fusion: str, seed: int = 0, open_gates: bool = True, **overrides) -> EhrPrsForCausalLM:
-    """A tiny model in eval mode; cross-attention output projections drawn so the PRS actually matter."""
+    """A tiny model in eval mode; cross-attention output projections (and the logit bias's `up`, 0 at
+    init too) drawn so the PRS actually matter."""
     torch.manual_seed(seed)
     model = EhrPrsForCausalLM(tiny_config(fusion, **overrides)).eval()
     if open_gates:
@@ -42,6 +43,8 @@ def make_model(fusion: str, seed: int = 0, open_gates: bool = True, **overrides)
                 if layer.prs_cross_attn is not None:
                     layer.prs_cross_attn.out.weight.normal_(0.0, 0.02)  # 0 at init
                     layer.prs_cross_attn.gate.fill_(0.7)
+            if model.prs_logit_bias is not None:
+                model.prs_logit_bias.up.normal_(0.0, 0.5)
     return model
 
 
@@ -115,7 +118,7 @@ def test_shapes_and_loss_for_each_fusion(fusion):
     assert (len(adapter_names) > 0) == (fusion != "none")
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered"])
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered", "logit_bias"])
 def test_ehr_only_data_with_an_adapter(fusion):
     """n_prs=0 (no PRS table): everyone gets the learned no-genotype tokens; a (b, 0) prs is accepted."""
     torch.manual_seed(0)
@@ -153,7 +156,7 @@ def test_wrong_prs_width_names_both_numbers():
         model(ids, prs=torch.full((3, N_PRS), float("nan")), prs_mask=prs_mask)
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "logit_bias"])
 def test_mixed_genotyped_batch(fusion):
     model = make_model(fusion)
     ids, prs, _ = batch()
@@ -170,9 +173,13 @@ def test_mixed_genotyped_batch(fusion):
     changed = model(ids, prs=other, prs_mask=prs_mask).logits
     assert (changed[0] - base[0]).abs().max() > 1e-4
     assert torch.equal(changed[2], base[2])
-    # "No genotype" is not an all-zeros PRS (which would look like an average person).
+    # "No genotype" is not an all-zeros PRS (which would look like an average person), except for
+    # the logit bias, which is centred by construction: average scores shift nothing.
     zeros_genotyped = model(ids, prs=torch.zeros_like(prs), prs_mask=torch.ones(3, dtype=torch.bool)).logits
-    assert (zeros_genotyped[1] - base[1]).abs().max() > 1e-4
+    if fusion == "logit_bias":
+        assert torch.equal(zeros_genotyped[1], base[1])
+    else:
+        assert (zeros_genotyped[1] - base[1]).abs().max() > 1e-4
     # Without prs_mask, a row with a NaN counts as not genotyped.
     other = prs.clone()
     other[1, 0] = float("nan")
@@ -332,7 +339,7 @@ def test_cached_decoding_matches_full_forward(fusion):
         model(ids[:, :1], attention_mask=mask, past_key_values=out.cache)
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered"])
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered", "logit_bias"])
 def test_cache_batch_operations_keep_the_prs_in_step(fusion):
     """Repeat a prefilled cache per sampled path and drop rows: the PRS prefix/memory follow their rows."""
     model = make_model(fusion)
@@ -346,7 +353,7 @@ def test_cache_batch_operations_keep_the_prs_in_step(fusion):
     assert torch.allclose(step, full, atol=ATOL)
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered"])
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered", "logit_bias"])
 def test_generate_matches_greedy_full_forwards(fusion):
     model = make_model(fusion)
     ids, prs, prs_mask = batch(b=2, s=6)
@@ -367,7 +374,7 @@ def test_generate_matches_greedy_full_forwards(fusion):
 
 # --- checkpoints --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered"])
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered", "logit_bias"])
 def test_save_load_by_class_and_auto_class(tmp_path, fusion):
     from transformers import AutoModelForCausalLM
 
@@ -456,6 +463,8 @@ def test_classifier_pools_last_real_token_and_computes_losses():
     labels = torch.tensor([1.0, 0.0])
     out = clf(ids, prs=prs, prs_mask=prs_mask, labels=labels)
     assert torch.allclose(out.loss, torch.nn.functional.binary_cross_entropy_with_logits(out.logits[:, 0], labels))
+    with pytest.raises(ValueError, match="logit_bias"):  # it would never read the scores
+        EhrPrsForSequenceClassification(tiny_config("logit_bias", num_labels=1))
     clf2 = EhrPrsForSequenceClassification(tiny_config("prefix", num_labels=2)).eval()
     out2 = clf2(ids, prs=prs, prs_mask=prs_mask, labels=torch.tensor([1, 0]))
     assert out2.logits.shape == (2, 2)
@@ -501,7 +510,7 @@ def _prs_dependent_batch(g: torch.Generator, n: int, length: int = 24, marker: i
     return ids, prs
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered"])
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention", "centered", "logit_bias"])
 def test_a_new_adapter_on_a_frozen_backbone_learns_a_prs_effect(fusion):
     """The paper's second route at toy scale: an EHR-only model, then only the new adapter trained.
     The PRS must reach the next-token distribution through the frozen decoder: a log-odds contrast

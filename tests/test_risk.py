@@ -15,7 +15,7 @@ import torch
 from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
 from modeling_ehr_prs.errors import InputError
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
-from modeling_ehr_prs.risk import inverse_cdf_sample, sample_risk
+from modeling_ehr_prs.risk import coupled_sample, inverse_cdf_sample, sample_risk
 
 # token ids of the hand-set vocabulary
 PAD, EOS, TARGET_A, TARGET_B, DAY1, WEEK1, OTHER = 0, 1, 2, 3, 4, 5, 6
@@ -127,6 +127,34 @@ def test_inverse_cdf_sampling_has_the_distribution_and_skips_zero_mass():
     assert freq[1] == 0 and torch.allclose(freq, probs[0].double(), atol=0.004)
     edge = inverse_cdf_sample(torch.tensor([[0.0, 1.0], [0.5, 0.5]]), torch.tensor([1e-12, 1.0], dtype=torch.float64))
     assert edge.tolist() == [1, 1]
+
+
+def test_coupled_sampling_has_the_distribution_and_parts_paths_only_on_the_target():
+    """Two next-token distributions that differ only in the target's mass (0.05 vs 0.10; the rest
+    scaled): with the two-draw sampler the same numbers give different tokens only when one of them
+    draws the target, about |0.10 - 0.05| of the time; one inverse-CDF draw over the whole
+    vocabulary moves every boundary after the target and parts them far more often."""
+    vocab, target = 20, 5
+    is_target = torch.zeros(vocab, dtype=torch.bool)
+    is_target[target] = True
+    p1 = torch.full((vocab,), 0.05, dtype=torch.float64)
+    p2 = p1 * 0.90 / 0.95
+    p2[target] = 0.10
+    u = torch.from_numpy(1.0 - np.random.default_rng(0).random((200_000, 2)))
+    ids1 = coupled_sample(p1.expand(len(u), -1), is_target, u)
+    ids2 = coupled_sample(p2.expand(len(u), -1), is_target, u)
+    for ids, p in ((ids1, p1), (ids2, p2)):
+        freq = torch.bincount(ids, minlength=vocab).double() / len(ids)
+        assert torch.allclose(freq, p, atol=0.003)
+    differ = ids1 != ids2
+    assert abs(differ.double().mean().item() - 0.05) < 0.003
+    assert bool(((ids1 == target) | (ids2 == target))[differ].all())  # only through the target
+    one_draw = inverse_cdf_sample(p1.expand(len(u), -1), u[:, 1]) != inverse_cdf_sample(p2.expand(len(u), -1), u[:, 1])
+    assert one_draw.double().mean().item() > 3 * differ.double().mean().item()
+    # a row whose whole mass is on the target (or off it) is handled
+    edge = coupled_sample(torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([False, True, False]),
+                          torch.tensor([[1.0, 0.5], [1e-12, 0.5]], dtype=torch.float64))
+    assert edge.tolist() == [1, 0]
 
 
 def test_common_random_numbers_take_the_sampling_noise_out_of_a_paired_difference():
@@ -243,7 +271,7 @@ def test_risk_cli_labels_for_absent_subjects_and_missing_standardiser(pipeline, 
     assert "prs_standardizer.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("fusion", ["none", "prefix", "cross_attention", "centered"])
+@pytest.mark.parametrize("fusion", ["none", "prefix", "cross_attention", "centered", "logit_bias"])
 def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
     """The sampler keeps one copy of each prompt for its K paths; the model must see no difference
     from K repeated copies: left padding, grouped-query heads (tiny: 4 query / 2 key-value heads),
@@ -259,6 +287,8 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
         for layer in model.model.layers:
             if layer.prs_cross_attn is not None:
                 layer.prs_cross_attn.out.weight.normal_(0.0, 0.02)
+        if model.prs_logit_bias is not None:  # `up` starts at 0 too
+            model.prs_logit_bias.up.normal_(0.0, 0.5)
     ids = torch.randint(3, VOCAB, (3, 6))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # a left-padded row
