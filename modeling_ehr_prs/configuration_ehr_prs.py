@@ -70,7 +70,7 @@ class EhrPrsConfig(PretrainedConfig):
             `prs_cross_attention_layers` read through tanh-gated cross-attention whose output
             projection starts at 0, so an EHR-only checkpoint extended this way gives identical
             outputs before training), or "logit_bias" (the scores shift every next-token logit by a
-            linear function of them, logits + up(down(prs)), and nothing else: each code's odds are
+            linear function of them, logits + down(prs) @ up.T, and nothing else: each code's odds are
             multiplied by exp(w . prs), a proportional-hazards genetic effect on the decoder's
             predictions; zero for a subject without genotype, and `up` starts at 0, so an extended
             EHR-only checkpoint starts unchanged. On a frozen backbone `ehr-prs pretrain` fits it in

@@ -397,7 +397,8 @@ def render_card(repo_id: str, config: dict, n_params: int, files: list[tuple[str
              f"*{PAPER}*. It is a causal language model over MEDS event tokens (one token per medical code, plus "
              "time-gap, age, demographic and numeric-value-bin tokens); the PRS vector enters through a genomic "
              "adapter (`prs_fusion`: `prefix` soft-prompt tokens, gated `cross_attention` memory tokens, a "
-             "`logit_bias` log-linear shift of each code's odds, or `none` for the EHR-only baseline). Subjects without genotype data get a learned \"no genotype\" embedding, "
+             "`logit_bias` log-linear shift of each code's odds, or `none` for the EHR-only baseline). Subjects "
+             "without genotype data get a learned \"no genotype\" embedding (none at all for `logit_bias`), "
              "never an imputed average.", "", "## Model", "", *_architecture_rows(config, n_params), "",
              "## Training", "", *_training_lines(training_summary, random_weights), ""]
     num_labels = 1

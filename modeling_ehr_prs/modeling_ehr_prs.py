@@ -16,7 +16,7 @@ The genomic adapter (config.prs_fusion):
     With config.prs_centered the memory is 2k tokens (the subject's, then those of all-zero PRS)
     and each block adds the difference of the two attentions: only deviations from the mean
     genome move the prediction.
-  * "logit_bias": no adapter in the decoder; EhrPrsForCausalLM adds up(down(prs)) (b, vocab) to
+  * "logit_bias": no adapter in the decoder; EhrPrsForCausalLM adds down(prs) @ up.T (b, vocab) to
     every position's logits, a log-linear genetic effect on each token's odds (`up` starts at 0).
 A subject without genotype (prs_mask False, prs None, or a prs row with NaN when prs_mask is not
 given) gets the learned `prs_adapter.no_genotype` tokens, never an MLP of zeros; when centred,
@@ -35,11 +35,12 @@ Cached decoding contract (what `generate` does and what a hand-written sampling 
      prefix (prefix mode) or the projected PRS memory (cross-attention mode) too.
   2. Later calls: only the new `input_ids` (b, n), `past_key_values=cache` (or `cache=cache`) and
      `attention_mask` (b, events_so_far + n) over ALL event tokens so far (prompt + generated, no
-     prefix). `prs` may be omitted in every mode: the prefix, the cross-attention memory and the logit shift
-     are taken from the cache (a `prs` passed on such a call is ignored). Without a cache every call
-     is a fresh forward and needs `prs` again.
-  The cross-attention memory K/V (or the logit shift) are stored as extra cache layers after the decoder's layers, so
-  `cache.reorder_cache`, `batch_select_indices` and `batch_repeat_interleave` keep them in step.
+     prefix). `prs` may be omitted in every mode: the prefix, the cross-attention memory and the
+     logit shift are taken from the cache (a `prs` passed on such a call is ignored). Without a
+     cache every call is a fresh forward and needs `prs` again.
+  The cross-attention memory K/V (or the logit shift) are stored as extra cache layers after the
+  decoder's layers, so `cache.reorder_cache`, `batch_select_indices` and `batch_repeat_interleave`
+  keep them in step.
 
 PEFT LoRA: the decoder's linear layers are q_proj, k_proj, v_proj, o_proj (self-attention) and
 gate_proj, up_proj, down_proj (MLP): name them in `target_modules`. The PRS modules have their own
@@ -257,7 +258,7 @@ class EhrPrsGenomicAdapter(nn.Module):
 
 
 class EhrPrsLogitBias(nn.Module):
-    """Standardised PRS (b, n_prs) -> a shift of every next-token logit (b, vocab): up(down(prs)).
+    """Standardised PRS (b, n_prs) -> a shift of every next-token logit (b, vocab): down(prs) @ up.T.
 
     The whole genetic effect is log-linear: a subject's odds of each next token are multiplied by
     exp(w_token . prs), as a proportional-hazards model would, and the decoder is left alone.
@@ -276,7 +277,7 @@ class EhrPrsLogitBias(nn.Module):
         # (zeros, in _init_weights) is not overwritten by the generic nn.Linear one.
         self.up = nn.Parameter(torch.zeros(config.vocab_size, rank))
 
-    def forward(self, prs, prs_mask, batch_size: int, cache: Cache | None = None) -> torch.Tensor | None:
+    def forward(self, prs, prs_mask, batch_size: int, cache: Cache | None = None) -> torch.Tensor:
         """(b, vocab) logit shift; zero rows for subjects without genotype."""
         if _has_memory(cache, self.cache_idx):
             shift = cache.layers[self.cache_idx].keys[:, 0, 0]  # (b, vocab)

@@ -15,7 +15,8 @@ solved directly from one forward pass over the training split:
    frozen model's next-token probability of the family summed over the positions up to that
    first occurrence (or over the whole sequence): the expected number of first occurrences.
 2. `fit_poisson_low_rank`: Poisson regression of n on the standardised scores S with offset
-   log E and a per-family intercept (dropped afterwards: see the function), all families at once, W = A @ B (families x r, r x n_prs), penalty lam/2 (|A|^2 + |B|^2)
+   log E and a per-family intercept (dropped afterwards: see the function), all families at
+   once, W = A @ B (families x r, r x n_prs), penalty lam/2 (|A|^2 + |B|^2)
    (that is lam x the nuclear norm of W: a few genetic liabilities shared across codes; the
    per-family ridge alternative overfits: on the demo its tuning log-likelihood fell below
    W = 0). exp(W[f] . s) is then the rate ratio of a first f for scores s, given the history.
