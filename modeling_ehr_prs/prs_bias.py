@@ -199,7 +199,8 @@ def fit_logit_bias(model, tokenizer, train_rows, tuning_rows, *, min_subjects: i
     incident = n.sum(0)
     fitted = np.flatnonzero(incident >= min_subjects)
     report = {"method": "Poisson regression of each code family's first occurrence on the scores, offset by the "
-                        "frozen model's expected count; W = A B, nuclear-norm penalty chosen on the tuning split",
+                        "frozen model's expected count; W = A B, nuclear-norm penalty chosen on the tuning split, "
+                        "then each family's loadings refitted with the ridge penalty best on that split",
               "genotyped_train_sequences": int(len(S)), "families_fitted": int(len(fitted)),
               "families_below_min_subjects": int(len(names) - len(fitted)), "min_subjects": min_subjects}
     if len(S) == 0 or len(fitted) == 0:
