@@ -271,6 +271,7 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
+    full_tuning = tuning_ds  # the logit-bias fit selects its penalty on all of it
     if tuning_ds is not None and args.max_eval_samples and len(tuning_ds) > args.max_eval_samples:
         tuning_ds = tuning_ds.shuffle(seed=args.seed).select(range(args.max_eval_samples))
     keep = ["input_ids", "prs", "prs_mask", "length"]
@@ -330,7 +331,6 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         # On a frozen decoder the logit-bias adapter is a regression with a direct solution.
         from modeling_ehr_prs.prs_bias import fit_logit_bias
 
-        full_tuning = load_tokenized(data_dir)[2]
         std = data_dir / "tokenizer" / STANDARDIZER_FILE
         columns = json.loads(std.read_text()).get("columns") if std.exists() else None
         fit_report = fit_logit_bias(model, tokenizer, train_ds, full_tuning, batch_size=args.batch_size,

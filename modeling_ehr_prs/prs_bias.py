@@ -134,19 +134,31 @@ def fit_poisson_low_rank(S, n, E, rank: int, lam: float, init=None, seed: int = 
     else:
         A = 0.01 * torch.randn(n.shape[1], rank, generator=gen, dtype=torch.float64)
         B = 0.01 * torch.randn(rank, S.shape[1], generator=gen, dtype=torch.float64)
-    c = torch.log((n.sum(0) + 0.5) / (E.sum(0) + 0.5))  # the intercept-only fit, (F,)
-    params = [A.requires_grad_(True), B.requires_grad_(True), c.requires_grad_(True)]
+    c = _intercept_only(n, E)
+    penalty = lambda: 0.5 * lam * (A.pow(2).sum() + B.pow(2).sum())  # noqa: E731
+    _minimise([A, B, c], lambda: poisson_nll(A @ B, S, n, E, c).sum() + penalty(), max_iter)
+    return A.detach(), B.detach(), c.detach()
+
+
+def _intercept_only(n: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
+    """(F,) log of observed over expected first occurrences: the intercept-only fit, a starting point."""
+    return torch.log((n.sum(0) + 0.5) / (E.sum(0) + 0.5))
+
+
+def _minimise(params: list[torch.Tensor], objective, max_iter: int) -> None:
+    """Minimise objective() over params (in place) by L-BFGS with a strong-Wolfe line search."""
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
                             history_size=50, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = poisson_nll(A @ B, S, n, E, c).sum() + 0.5 * lam * (A.pow(2).sum() + B.pow(2).sum())
+        loss = objective()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return A.detach(), B.detach(), c.detach()
 
 
 def refit_per_family(S, n, E, B: torch.Tensor, tuning, fractions=REFIT_FRACTIONS, max_iter: int = 2000):
@@ -155,33 +167,22 @@ def refit_per_family(S, n, E, B: torch.Tensor, tuning, fractions=REFIT_FRACTIONS
     One nuclear-norm penalty serves every family, so it is set by the many families without a
     genetic effect and shrinks the strong ones (on the demo: T2D's log rate ratio per SD of the
     true liability 0.36 at the chosen penalty, 0.47 here). Each family takes the penalty with the
-    best tuning-split gain, or loadings 0 where none gains. Returns (A (F, r), gain (F,), lam (F,)).
+    best tuning-split gain, or loadings 0 where none gains. Returns (A (F, r), gain (F,)).
     """
     S, n, E = (torch.as_tensor(x, dtype=torch.float64) for x in (S, n, E))
     Z, Zt = S @ B.T, tuning[0] @ B.T  # (N, r), (Nt, r)
     F, r = n.shape[1], B.shape[0]
     best_gain = torch.zeros(F, dtype=torch.float64)
     best_A = torch.zeros(F, r, dtype=torch.float64)
-    best_lam = torch.full((F,), float("nan"), dtype=torch.float64)
     for frac in fractions:
         lam = frac * len(S)
-        A = torch.zeros(F, r, dtype=torch.float64, requires_grad=True)
-        c = torch.log((n.sum(0) + 0.5) / (E.sum(0) + 0.5)).requires_grad_(True)
-        opt = torch.optim.LBFGS([A, c], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                history_size=50, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = poisson_nll(A, Z, n, E, c).sum() + 0.5 * lam * A.pow(2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        A, c = torch.zeros(F, r, dtype=torch.float64), _intercept_only(n, E)
+        _minimise([A, c], lambda: poisson_nll(A, Z, n, E, c).sum() + 0.5 * lam * A.pow(2).sum(), max_iter)
         A, c = A.detach(), c.detach()
         gain = poisson_nll(torch.zeros_like(A), Zt, *tuning[1:], c) - poisson_nll(A, Zt, *tuning[1:], c)  # (F,)
         better = gain > best_gain
-        best_gain[better], best_A[better], best_lam[better] = gain[better], A[better], lam
-    return best_A, best_gain, best_lam
+        best_gain[better], best_A[better] = gain[better], A[better]
+    return best_A, best_gain
 
 
 def fit_logit_bias(model, tokenizer, train_rows, tuning_rows, *, min_subjects: int = 20,
@@ -242,7 +243,7 @@ def fit_logit_bias(model, tokenizer, train_rows, tuning_rows, *, min_subjects: i
         return report
     report["chosen_lambda"] = step["lambda"]
     if tuning is not None:
-        A, gain, family_lam = refit_per_family(S, n_fit, E_fit, B, tuning)
+        A, gain = refit_per_family(S, n_fit, E_fit, B, tuning)
         report["families_with_an_effect"] = int((gain > 0).sum())
         report["refit_tuning_gain_nats"] = round(float(gain.sum()), 3)  # chosen on that split: optimistic
     with torch.no_grad():
