@@ -177,7 +177,9 @@ class _SharedPromptLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor, k: int, room: int):
         super().__init__()
         p, g, s, hd = keys.shape
-        self.prompt_keys, self.prompt_values = keys, values  # (p, g, s, hd)
+        # Keys stored transposed and contiguous: the per-step product reads them in this layout
+        # (a quarter faster than through a transposed view on a CPU).
+        self.prompt_keys_t, self.prompt_values = keys.transpose(-1, -2).contiguous(), values  # (p, g, hd, s), (p, g, s, hd)
         self.prompt_bias = torch.zeros(p, 1, 1, s, dtype=keys.dtype, device=keys.device)  # (p, 1, 1, s)
         self.prompt_bias.masked_fill_(~key_valid[:, None, None, :], float("-inf"))  # left padding
         self.k = k
@@ -206,7 +208,7 @@ class _SharedPromptLayer(DynamicLayer):
         n, h, q_len, hd = query.shape
         if q_len != 1:
             raise ValueError("the shared-prompt cache decodes one token per row at a time")
-        p, g = self.prompt_keys.shape[:2]
+        p, g = self.prompt_keys_t.shape[:2]
         rep, k = h // g, self.k
         scale = hd ** -0.5
         q = query.view(n, g, rep, hd) * scale  # (n, g, rep, hd)
@@ -217,7 +219,7 @@ class _SharedPromptLayer(DynamicLayer):
         else:
             grid = q.new_zeros(p * k, g, rep, hd).index_copy_(0, self._grid_rows, q)
         grid = grid.view(p, k, g, rep, hd).transpose(1, 2).reshape(p, g, k * rep, hd)  # (p, g, K * rep, hd)
-        s1 = grid @ self.prompt_keys.transpose(-1, -2) + self.prompt_bias  # (p, g, K * rep, s)
+        s1 = grid @ self.prompt_keys_t + self.prompt_bias  # (p, g, K * rep, s)
         m1 = s1.amax(dim=-1, keepdim=True)  # (p, g, K * rep, 1)
         e1 = torch.exp(s1 - m1)
         part = torch.cat([e1 @ self.prompt_values, e1.sum(dim=-1, keepdim=True), m1], dim=-1)  # (p, g, K*rep, hd+2)
@@ -245,11 +247,15 @@ class _SharedPromptLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices`; prompts none of whose paths are left are dropped too."""
-        self._k, self._v = self._k[indices], self._v[indices]
+        # Copy only the filled part (plus as much room again): the buffers were sized for the
+        # longest path, and copying their empty tail made compaction a fifth of the sampling time.
+        cap = min(self._k.shape[-2], 2 * self._len + 16)
+        self._k = self._k[:, :, :cap].index_select(0, indices)
+        self._v = self._v[:, :, :cap].index_select(0, indices)
         self.row_prompt, self.row_path = self.row_prompt[indices], self.row_path[indices]
         used = torch.unique(self.row_prompt)  # sorted
-        if used.numel() < self.prompt_keys.shape[0]:
-            self.prompt_keys, self.prompt_values = self.prompt_keys[used], self.prompt_values[used]
+        if used.numel() < self.prompt_keys_t.shape[0]:
+            self.prompt_keys_t, self.prompt_values = self.prompt_keys_t[used], self.prompt_values[used]
             self.prompt_bias = self.prompt_bias[used]
             self.row_prompt = torch.searchsorted(used, self.row_prompt)
         self._grid_rows = self.row_prompt * self.k + self.row_path
@@ -290,7 +296,9 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
     # Encode each prompt once; its K paths share that one copy (prefix positions are always valid).
     prefix = cache.get_seq_length() - ids.shape[1]
     key_valid = torch.cat([mask.new_ones(b, prefix), mask], dim=1).bool()  # (b, prefix + s)
-    _share_prompts(cache, model.config.num_hidden_layers, key_valid, k, max_new_tokens + 1)
+    # Most paths end long before max_new_tokens (47 tokens on average for 2 years in the demo):
+    # start the generated-token buffers small; they double when full.
+    _share_prompts(cache, model.config.num_hidden_layers, key_valid, k, min(max_new_tokens + 1, 64))
     logits = out.logits[:, -1].float().repeat_interleave(k, dim=0)  # (n, vocab), n = b * k
     # Event position of each row's next token (positions count real tokens only, as the model does);
     # passing them spares the model a padding mask over the whole history at every step.

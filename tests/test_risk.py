@@ -304,7 +304,7 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
         keep = torch.tensor([0, 1, 4, 5])  # prompt 1's two paths are done
         a.cache.batch_select_indices(keep)
         b.cache.batch_select_indices(keep)
-        assert b.cache.layers[0].prompt_keys.shape[0] == 2  # its keys are gone too
+        assert b.cache.layers[0].prompt_keys_t.shape[0] == 2  # its keys are gone too
         m = mask.repeat_interleave(2, 0)[keep]
         position = m.sum(dim=1)
         ca, cb = a.cache, b.cache
