@@ -10,8 +10,8 @@
 # to stroke and COPD with LoRA, a linear probe and GBM+PRS, with few-shot curves
 # (OUT_DIR/report_{stroke,copd}/report.md, OUT_DIR/fewshot/{stroke,copd}/fewshot.png).
 # To run it on your own data, replace step 1 with your MEDS folder and PRS table (see README).
-# On 2 CPU cores the T2D report (steps 1-6) takes ~34 minutes and the transfer step ~19 more
-# (~6 without the LoRA few-shot line); DEMO_SUBJECTS, DEMO_PRS, DEMO_STEPS, DEMO_ADAPTER_STEPS,
+# On 2 CPU cores the T2D report (steps 1-6) takes ~28 minutes and the transfer step ~17 more
+# (fewer without the LoRA few-shot line); DEMO_SUBJECTS, DEMO_PRS, DEMO_STEPS, DEMO_ADAPTER_STEPS,
 # DEMO_SAMPLES and DEMO_FEWSHOT_LORA scale it.
 set -euo pipefail
 
@@ -25,7 +25,7 @@ N_PRS=${DEMO_PRS:-128}
 STEPS=${DEMO_STEPS:-1000}
 ADAPTER_STEPS=${DEMO_ADAPTER_STEPS:-300}
 SAMPLES=${DEMO_SAMPLES:-4}
-FEWSHOT_LORA=${DEMO_FEWSHOT_LORA:-1}  # 0: few-shot curves without LoRA (~15 minutes faster)
+FEWSHOT_LORA=${DEMO_FEWSHOT_LORA:-1}  # 0: few-shot curves without LoRA (most of step 7's time is the LoRA fits)
 PRESET=${DEMO_PRESET:-small}
 HORIZON=730
 export TOKENIZERS_PARALLELISM=false
@@ -56,16 +56,19 @@ background() {  # background NAME COMMAND...: start a one-thread job
   ( export OMP_NUM_THREADS=1; "$@" ) > "$LOGS/$name.log" 2>&1 &
   JOBS+=("$!:$name")
 }
-join_jobs() {  # wait for every started job; stop with its log if one failed
-  local job name
+finished() {  # finished NAME STATUS: stop with the end of the job's log if it failed, else show its results
+  if [ "$2" != 0 ]; then
+    echo "job $1 failed; the end of $LOGS/$1.log:" >&2
+    tail -n 40 "$LOGS/$1.log" >&2
+    exit 1
+  fi
+  grep -h -e '^wrote' -e '^logit_bias fitted' -e '^note:' "$LOGS/$1.log" | sed "s|^|   $1: |" || true
+}
+join_jobs() {  # wait for every started job
+  local job status
   for job in "${JOBS[@]}"; do
-    name=${job#*:}
-    if ! wait "${job%%:*}"; then
-      echo "job $name failed; the end of $LOGS/$name.log:" >&2
-      tail -n 40 "$LOGS/$name.log" >&2
-      exit 1
-    fi
-    grep -h -e '^wrote' -e '^logit_bias fitted' -e '^note:' "$LOGS/$name.log" | sed "s|^|   $name: |" || true
+    status=0; wait "${job%%:*}" || status=$?
+    finished "${job#*:}" "$status"
   done
   JOBS=()
 }
@@ -124,8 +127,9 @@ join_jobs
 background risk_prefix risk_t2d prefix
 background risk_cross_attention risk_t2d cross_attention
 join_jobs
-echo "   risk of the logit-bias model (two threads)"
-risk_t2d logit_bias 2>&1 | grep -e '^wrote' -e '^note:' | sed 's|^|   risk_logit_bias: |'
+echo "   risk_logit_bias on two threads (log: $LOGS/risk_logit_bias.log)"
+status=0; risk_t2d logit_bias > "$LOGS/risk_logit_bias.log" 2>&1 || status=$?
+finished risk_logit_bias "$status"
 
 step "6/7 evaluate against the EHR-only model, with the simulator's true risk as the ceiling"
 # PRS alignment plot: the first score that carries T2D liability in the simulator.

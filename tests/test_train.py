@@ -7,6 +7,7 @@ and the errors raised before any training starts.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -154,12 +155,19 @@ def test_cli_and_recipe_take_the_same_flags(data, tmp_path):
     assert json.loads((out / "training_summary.json").read_text())["steps"] == 2
 
 
+def _free_port() -> int:
+    # A fixed port fails whenever something else holds it (another run, a socket in TIME_WAIT).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_data_parallel_on_cpu(data, tmp_path):
     out = tmp_path / "ddp"
     # configs/cpu_2proc.yaml: two processes through torch.distributed.run, gloo on CPU
     # (`accelerate launch --cpu --num_processes 2` would start one process without mpirun).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "cpu_2proc.yaml"),
-           "--main_process_port", "29517", str(REPO / "train.py"), "--data", str(data), "--output-dir", str(out), "--preset", "tiny",
+           "--main_process_port", str(_free_port()), str(REPO / "train.py"), "--data", str(data), "--output-dir", str(out), "--preset", "tiny",
            "--prs-fusion", "prefix", "--max-steps", "3", "--batch-size", "2", "--eval-steps", "3", "--save-steps", "3",
            "--max-eval-samples", "8", "--config-overrides", TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
