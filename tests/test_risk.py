@@ -271,11 +271,14 @@ def test_risk_cli_labels_for_absent_subjects_and_missing_standardiser(pipeline, 
     assert "prs_standardizer.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("room", [2, 64])
 @pytest.mark.parametrize("fusion", ["none", "prefix", "cross_attention", "centered", "logit_bias"])
-def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
+def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion, room):
     """The sampler keeps one copy of each prompt for its K paths; the model must see no difference
     from K repeated copies: left padding, grouped-query heads (tiny: 4 query / 2 key-value heads),
-    buffer growth, and compaction that drops a whole prompt and then part of another."""
+    buffer growth, and compaction that drops a whole prompt and then part of another. Room 2: the
+    buffer doubles before the compactions; room 64: the first compaction cuts it to 16 slots,
+    and 25 steps must grow it again."""
     from modeling_ehr_prs.risk import _share_prompts
 
     torch.manual_seed(0)
@@ -300,15 +303,17 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
         prefix = b.cache.get_seq_length() - ids.shape[1]
         assert prefix == (config.prs_tokens if fusion == "prefix" else 0)
         key_valid = torch.cat([torch.ones(3, prefix, dtype=torch.long), mask], dim=1).bool()
-        _share_prompts(b.cache, config.num_hidden_layers, key_valid, k=2, room=2)  # room 2: the buffer doubles
+        _share_prompts(b.cache, config.num_hidden_layers, key_valid, k=2, room=room)
         keep = torch.tensor([0, 1, 4, 5])  # prompt 1's two paths are done
         a.cache.batch_select_indices(keep)
         b.cache.batch_select_indices(keep)
         assert b.cache.layers[0].prompt_keys_t.shape[0] == 2  # its keys are gone too
+        if room == 64:  # nothing generated yet: the compaction keeps 16 slots of the 64
+            assert b.cache.layers[0]._k.shape[-2] == 16
         m = mask.repeat_interleave(2, 0)[keep]
         position = m.sum(dim=1)
         ca, cb = a.cache, b.cache
-        for step in range(5):
+        for step in range(25):
             new = torch.randint(3, VOCAB, (m.shape[0], 1))
             m = torch.cat([m, torch.ones(m.shape[0], 1, dtype=m.dtype)], dim=1)
             oa = model(input_ids=new, attention_mask=m, cache=ca, use_cache=True)
@@ -321,3 +326,4 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion):
                 ca.batch_select_indices(keep)
                 cb.batch_select_indices(keep)
                 m, position = m[keep], position[keep]
+    assert cb.layers[0]._len == 25 and cb.layers[0]._k.shape[-2] >= 25
