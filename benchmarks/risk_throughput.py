@@ -95,7 +95,8 @@ def main() -> None:
           f"model {args.model} ({model.config.prs_fusion}), {args.threads} threads")
     t0 = time.perf_counter()
     ours = sample_risk(model, prompts, target, days, args.horizon_days, "path", args.samples, prs_t, mask_t, stops,
-                       tok.pad_token_id, args.max_new_tokens, 256, seed=0, progress=False)
+                       tok.pad_token_id, args.max_new_tokens, 256, seed=0, progress=False,
+                       control_variates=False)  # the same estimator as the generate() side: a like-for-like speed
     t_ours = time.perf_counter() - t0
 
     t0 = time.perf_counter()

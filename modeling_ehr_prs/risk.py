@@ -23,6 +23,15 @@ Three estimators of P(target code within the horizon), all from the raw next-tok
 - `survival`: sample with the target codes masked out and weight the path by prod_t (1 - h_t):
               an unbiased importance-sampling estimate of P(no event), so 1 - mean is unbiased
               for the risk, with far less variance than `mc` at the same K.
+
+Control variates (on by default, any estimator): a path's value varies with what it happened to
+sample, most of all with how fast its clock ran (a two-year time token ends a path with few
+visits). For each token x, M_x = (times x was sampled) - (sum over steps of its sampling
+probability) has mean zero along any path, whatever the model, so value - M . beta is still
+unbiased for any fixed beta. beta is a ridge regression of the paths' within-row deviations on
+theirs, cross-fitted: rows are split in two halves by index and each half is corrected with the
+beta fitted on the other, so no row's own paths choose its correction. On the demo's T2D rows this
+cuts the per-row variance by about a third at K = 4 (`RiskScores.variance_reduction`).
 """
 
 from __future__ import annotations
@@ -57,6 +66,15 @@ class RiskScores:
     path_values: np.ndarray  # (rows, K): each path's own estimate of the risk
     truncated_paths: int  # paths that hit max_new_tokens before the horizon
     generated_tokens: int
+    variance_reduction: float = 0.0  # 1 - (per-row path variance with control variates) / (without); 0 if off
+
+
+# Control variates: token ids fold into at most this many features (id % CV_MAX_FEATURES), so the
+# per-path features stay rows x K x 512 floats whatever the vocabulary; a sum of martingale
+# increments is one too, so folding keeps the estimate unbiased (it only makes it less effective).
+CV_MAX_FEATURES = 512
+CV_RIDGE = 10.0  # ridge penalty on the (unstandardised, count-scale) features
+CV_MIN_PATHS_PER_FEATURE = 2  # fewer fitting paths than this per feature: no correction
 
 
 @torch.no_grad()
@@ -76,11 +94,14 @@ def sample_risk(
     paths_per_batch: int = 256,
     seed: int = 0,
     progress: bool = True,
+    control_variates: bool = True,
 ) -> RiskScores:
     """Risk of any `target_ids` token within `horizon_days` of generated time, for each prompt.
 
     prompts: token-id lists (one per label row); token_days: (vocab,) days each token advances the
     clock (0 for non-time tokens); prs (rows, n_prs) and prs_mask (rows,) when the model reads PRS.
+    control_variates: correct each path by its tokens' martingale increments (module docstring);
+    needs K >= 2 and enough paths to fit, else the plain average is returned.
     """
     if method not in METHODS:
         raise InputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -91,6 +112,9 @@ def sample_risk(
     device = next(model.parameters()).device
     rows, k = len(prompts), samples
     values = np.zeros((rows, k), dtype=np.float64)
+    vocab = int(token_days.shape[0])
+    n_features = min(vocab, CV_MAX_FEATURES)
+    features = np.zeros((rows, k, n_features), dtype=np.float32) if control_variates and k > 1 else None
     truncated = generated = 0
     target = torch.tensor(sorted(set(target_ids)), device=device)
     stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
@@ -103,19 +127,51 @@ def sample_risk(
     for start in range(0, rows, per_batch):
         idx = order[start : start + per_batch]
         uniforms = torch.from_numpy(path_uniforms(seed, idx, k, max_new_tokens)).to(device)  # (b * k, steps, 2)
-        batch_values, batch_truncated, batch_generated = _sample_batch(
+        batch_values, batch_features, batch_truncated, batch_generated = _sample_batch(
             model, [prompts[i] for i in idx], target, stops, token_days, horizon_days, method, k,
             None if prs is None else prs[idx].to(device), None if prs_mask is None else prs_mask[idx].to(device),
-            pad_token_id, max_new_tokens, uniforms, device,
+            pad_token_id, max_new_tokens, uniforms, device, n_features if features is not None else 0,
         )
         values[idx] = batch_values
+        if features is not None:
+            features[idx] = batch_features
         truncated += batch_truncated
         generated += batch_generated
         bar.update(len(idx))
     bar.close()
-    probability = values.mean(axis=1)
+    reduction = 0.0
+    if features is not None:
+        values, reduction = control_variate_correction(values, features)
+    # A corrected row mean can leave [0, 1] by a hair; a probability may not.
+    probability = values.mean(axis=1).clip(0.0, 1.0)
     stderr = values.std(axis=1, ddof=1) / math.sqrt(k) if k > 1 else np.full(rows, np.nan)
-    return RiskScores(probability, stderr, values, truncated, generated)
+    return RiskScores(probability, stderr, values, truncated, generated, reduction)
+
+
+def control_variate_correction(values: np.ndarray, features: np.ndarray, ridge: float = CV_RIDGE,
+                               min_paths_per_feature: float = CV_MIN_PATHS_PER_FEATURE) -> tuple[np.ndarray, float]:
+    """Path values (rows, K) minus features (rows, K, F) @ beta, beta cross-fitted on the other half of the rows.
+
+    The features are zero-mean martingales under the sampling distribution, so any beta that does not
+    depend on a row's own paths leaves that row's mean unbiased. Returns the corrected values and the
+    fraction of within-row variance removed (0 with the values unchanged when there is too little to fit).
+    """
+    rows, k, n_features = features.shape
+    half = np.arange(rows) % 2  # which half a row is in: its index, nothing the paths drew
+    if k < 2 or min((half == h).sum() for h in (0, 1)) * k < min_paths_per_feature * n_features:
+        return values, 0.0
+    centred_v = values - values.mean(axis=1, keepdims=True)  # (rows, K): per-row means differ; beta must not see them
+    centred_f = (features - features.mean(axis=1, keepdims=True)).astype(np.float64)  # (rows, K, F)
+    corrected = values.copy()
+    for h in (0, 1):
+        fit, apply = half != h, half == h
+        x = centred_f[fit].reshape(-1, n_features)  # (paths, F)
+        t = centred_v[fit].reshape(-1)
+        beta = np.linalg.solve(x.T @ x + ridge * np.eye(n_features), x.T @ t)  # (F,)
+        corrected[apply] = values[apply] - features[apply].astype(np.float64) @ beta
+    before = values.var(axis=1, ddof=1).mean()
+    after = corrected.var(axis=1, ddof=1).mean()
+    return corrected, float(1.0 - after / before) if before > 0 else 0.0
 
 
 def path_uniforms(seed: int, rows: np.ndarray, k: int, steps: int) -> np.ndarray:
@@ -287,8 +343,9 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torc
 
 
 def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k, prs, prs_mask,
-                  pad_token_id, max_new_tokens, uniforms, device):
-    """Sample k paths for each of b prompts; returns (b, k) path values, truncated and generated counts."""
+                  pad_token_id, max_new_tokens, uniforms, device, n_features=0):
+    """Sample k paths for each of b prompts; returns (b, k) path values, (b, k, n_features) control-variate
+    features (None if n_features is 0), truncated and generated counts."""
     ids, mask = _left_pad(prompts, pad_token_id, device)  # (b, s)
     b = ids.shape[0]
     out = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True, logits_to_keep=1)
@@ -311,6 +368,9 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
     event = torch.zeros(n, dtype=torch.bool, device=device)
     is_target = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
     is_target[target] = True
+    if n_features:  # per path, per token bucket: times sampled - sum of sampling probabilities
+        increments = torch.zeros(n, n_features, dtype=torch.float64, device=device)
+        bucket = torch.arange(logits.shape[-1], device=device) % n_features  # (vocab,)
     generated = 0
     for step in range(max_new_tokens):
         logp = torch.log_softmax(logits, dim=-1)  # raw next-token distribution, (rows, vocab)
@@ -319,7 +379,15 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
             log_survival[live[alive]] += torch.log1p(-h[alive].double())
         if method == "survival":
             logp = logp.index_fill(1, target, float("-inf"))  # sample the no-event world
-        next_ids = coupled_sample(logp.exp(), is_target, uniforms[live, step])  # (rows,)
+        probs = logp.exp()  # what the path samples from (targets masked for survival), (rows, vocab)
+        next_ids = coupled_sample(probs, is_target, uniforms[live, step])  # (rows,)
+        if n_features:
+            q = probs.double() / probs.double().sum(dim=-1, keepdim=True)
+            if n_features < q.shape[-1]:
+                q = q.new_zeros(q.shape[0], n_features).index_add_(1, bucket, q)
+            step_increment = -q  # (rows, n_features)
+            step_increment[torch.arange(q.shape[0], device=device), bucket[next_ids]] += 1.0
+            increments[live[alive]] += step_increment[alive]
         generated += int(alive.sum())
         elapsed = elapsed + token_days[next_ids]
         finished = elapsed > horizon
@@ -346,7 +414,8 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
     # mc: the event indicator. path and survival: 1 - prod(1 - h_t); for survival (sampled with the
     # targets masked) that is each path's unbiased importance-weighted estimate of the risk.
     values = event.double() if method == "mc" else 1.0 - log_survival.exp()
-    return values.view(b, k).cpu().numpy(), truncated, generated
+    features = increments.view(b, k, n_features).float().cpu().numpy() if n_features else None
+    return values.view(b, k).cpu().numpy(), features, truncated, generated
 
 
 # ----------------------------------------------------------------------------- command line
@@ -369,6 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="sampling seed; label row i always gets the random numbers of (seed, i), so models "
                              "scored on the same labels with the same seed share them (paired comparisons)")
+    parser.add_argument("--control-variates", action=argparse.BooleanOptionalAction, default=True,
+                        help="correct each path by its tokens' zero-mean sampling increments (unbiased; about a "
+                             "third less per-row variance on the demo's T2D rows at K=4); needs --samples >= 2")
     parser.add_argument("--limit", type=int, help="score only the first N label rows of the split")
 
 
@@ -439,7 +511,7 @@ def run(args: argparse.Namespace) -> None:
     scores = sample_risk(
         model, prompts, target_ids, torch.tensor(tokenizer.token_days), args.horizon_days, args.method,
         args.samples, prs_t, prs_mask_t, stop_ids, tokenizer.pad_token_id, args.max_new_tokens,
-        args.paths_per_batch, args.seed,
+        args.paths_per_batch, args.seed, control_variates=args.control_variates,
     )
     frame = pl.DataFrame({
         "subject_id": np.asarray(data["subject_id"], dtype=np.int64),
@@ -451,6 +523,8 @@ def run(args: argparse.Namespace) -> None:
     if scores.truncated_paths:
         print(f"note: {scores.truncated_paths} of {len(prompts) * args.samples} paths reached --max-new-tokens "
               f"{args.max_new_tokens} before the horizon (their risk counts only what they generated)", file=sys.stderr)
+    cv = (f", control variates removed {scores.variance_reduction:.0%} of the per-row variance"
+          if args.control_variates and args.samples > 1 else "")
     print(f"wrote {args.out}: {frame.height} rows, method {args.method}, K={args.samples}, "
           f"mean risk {frame['predicted_boolean_probability'].mean():.4f}, "
-          f"mean MC standard error {np.nanmean(scores.stderr):.4f}")
+          f"mean MC standard error {np.nanmean(scores.stderr):.4f}{cv}")
