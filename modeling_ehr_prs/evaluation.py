@@ -50,6 +50,9 @@ PROB = "predicted_boolean_probability"
 AGE_BANDS = (40, 55, 65, 75)  # band edges in years: <40, 40-54, 55-64, 65-74, 75+
 AGE_LABELS = [f"<{AGE_BANDS[0]}"] + [f"{a}-{b - 1}" for a, b in zip(AGE_BANDS[:-1], AGE_BANDS[1:])] + [f"{AGE_BANDS[-1]}+"]
 TRUTH_NAME = "true risk"
+# The simulator's truth knows everyone's genetic liability, also of people without a PRS, which no
+# model of the recorded data can know: this oracle uses it only where a PRS was measured.
+TRUTH_RECORDED_NAME = "true risk, genetics if genotyped"
 
 
 # ----------------------------------------------------------------------------------------
@@ -453,6 +456,24 @@ def plot_prs_deciles(dec: dict, models: list[str], out: Path) -> str:
     return "prs_deciles.png"
 
 
+def add_recorded_truth(preds: pl.DataFrame, truth_path: str | Path, prs_path: str | Path) -> pl.DataFrame | None:
+    """Add TRUTH_RECORDED_NAME: true_probability for genotyped rows, true_probability_no_genetic (the
+    genetic term integrated out) for the rest. None when the truth file has no such column."""
+    t = pl.read_parquet(truth_path)
+    if "true_probability_no_genetic" not in t.columns:
+        return None
+    t = t.select(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
+                 pl.col("true_probability_no_genetic").cast(pl.Float64).alias("_p0"))
+    geno = prs_subgroups(prs_path, preds).select(*KEY, "genotyped")
+    out = preds.join(t, on=KEY, how="left").join(geno, on=KEY, how="left")
+    out = out.with_columns(pl.when(pl.col("genotyped") == "genotyped").then(pl.col(TRUTH_NAME))
+                           .otherwise(pl.col("_p0")).alias(TRUTH_RECORDED_NAME)).drop("_p0", "genotyped")
+    missing = out.filter(pl.col(TRUTH_RECORDED_NAME).is_null()).height
+    if missing:
+        raise InputError(f"{truth_path}: --truth has no true_probability_no_genetic for {missing} of {preds.height} rows.")
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # The whole evaluation
 # ----------------------------------------------------------------------------------------
@@ -479,6 +500,10 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
     if inputs.truth is not None:
         table = add_truth(table, inputs.truth)
         models.append(TRUTH_NAME)
+        recorded = add_recorded_truth(table, inputs.truth, inputs.prs) if inputs.prs is not None else None
+        if recorded is not None:
+            table = recorded
+            models.append(TRUTH_RECORDED_NAME)
     reference = inputs.reference or models[0]
     if reference not in models:
         raise InputError(f"--reference {reference!r} is not one of the models {models}.")
@@ -602,7 +627,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MEDS prediction files to compare, each named (ehr=runs/ehr.parquet ...)")
     parser.add_argument("--out", required=True, help="output folder: metrics.json, report.md, *.png")
     parser.add_argument("--reference", default=None, help="model the others are compared with (default: the first)")
-    parser.add_argument("--truth", default=None, help=f"simulator truth file; adds {TRUTH_NAME!r} as a model (the ceiling)")
+    parser.add_argument("--truth", default=None,
+                        help=f"simulator truth file; adds {TRUTH_NAME!r} as a model (the ceiling), and with --prs also "
+                             f"{TRUTH_RECORDED_NAME!r} (the genetic term only where a PRS was measured)")
     parser.add_argument("--prs", default=None, help="PRS table: ancestry/genotyped subgroups and PRS deciles")
     parser.add_argument("--prs-column", default=None, help="PRS column for the decile plot (default: the first)")
     parser.add_argument("--meds", default=None, help="MEDS dataset: age band, sex and race subgroups")

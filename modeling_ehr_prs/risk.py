@@ -63,7 +63,8 @@ class RiskScores:
 
     probability: np.ndarray  # (rows,)
     stderr: np.ndarray  # (rows,) standard error of the mean over the K paths
-    path_values: np.ndarray  # (rows, K): each path's own estimate of the risk
+    path_values: np.ndarray  # (rows, K): each path's own estimate of the risk (control-variate corrected
+    # when on: still unbiased, but a single value can leave [0, 1] by a little)
     truncated_paths: int  # paths that hit max_new_tokens before the horizon
     generated_tokens: int
     variance_reduction: float = 0.0  # 1 - (per-row path variance with control variates) / (without); 0 if off

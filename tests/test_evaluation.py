@@ -238,7 +238,8 @@ def test_cli_writes_metrics_report_and_figures(tmp_path, capsys):
     pl.DataFrame({"subject_id": geno, "ancestry": np.where(geno % 2 == 0, "eur", "afr"),
                   "PGS000001": rng.normal(size=geno.size) + y[geno - 1], "PGS000002": rng.normal(size=geno.size)}).write_parquet(
         tmp_path / "prs.parquet")
-    pl.DataFrame({"subject_id": ids, "prediction_time": [PT] * n, "true_probability": np.clip(s + 0.1 * y, 0, 1)}).with_columns(
+    pl.DataFrame({"subject_id": ids, "prediction_time": [PT] * n, "true_probability": np.clip(s + 0.1 * y, 0, 1),
+                  "true_probability_no_genetic": np.full(n, 0.3)}).with_columns(
         pl.col("prediction_time").cast(pl.Datetime("us"))).write_parquet(tmp_path / "truth.parquet")
     out = tmp_path / "eval"
     rc = main(["evaluate", "--predictions", f"a={a}", f"b={b}", "--reference", "a", "--truth", str(tmp_path / "truth.parquet"),
@@ -247,7 +248,12 @@ def test_cli_writes_metrics_report_and_figures(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["calibration.png", "metrics.json", "pr.png", "prs_deciles.png",
                                                        "report.md", "roc.png"]
     res = json.loads((out / "metrics.json").read_text())
-    assert list(res["models"]) == ["a", "b", E.TRUTH_NAME] and res["n"] == n
+    assert list(res["models"]) == ["a", "b", E.TRUTH_NAME, E.TRUTH_RECORDED_NAME] and res["n"] == n
+    # the recorded-genetics oracle: the truth in genotyped rows, the no-genetic truth (0.3 here) elsewhere
+    sub = res["subgroups"]["genotyped"]
+    assert sub["genotyped"]["models"][E.TRUTH_RECORDED_NAME]["auroc"] == sub["genotyped"]["models"][E.TRUTH_NAME]["auroc"]
+    assert sub["not genotyped"]["models"][E.TRUTH_RECORDED_NAME]["auroc"] == 0.5  # a constant ranks nothing
+    assert res["models"][E.TRUTH_RECORDED_NAME]["auroc"] < res["models"][E.TRUTH_NAME]["auroc"]
     assert res["comparisons"]["b"]["delta_auroc"] > 0
     assert set(res["subgroups"]) == {"ancestry", "genotyped"}
     by_g = res["comparisons_by_genotyped"]  # b = a + 0.05 * y in every row: it gains in both groups
