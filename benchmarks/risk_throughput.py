@@ -50,46 +50,64 @@ def generate_path_risk(model, prompt, prs, prs_mask, target, token_days, horizon
     return float((1 - log_surv.exp()).mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_row_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every risk benchmark shares: model, data, target codes, horizon, threads."""
     parser.add_argument("--model", required=True)
     parser.add_argument("--meds", required=True)
     parser.add_argument("--prs")
     parser.add_argument("--labels", required=True)
     parser.add_argument("--codes", nargs="+", default=["ICD10CM/E11*"])
     parser.add_argument("--horizon-days", type=float, default=730)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def load_rows(model_dir, meds_dir, prs_path, labels_path, codes, n_rows, max_new_tokens, balanced):
+    """The model, its tokenizer and the first n_rows held-out label rows as sample_risk inputs.
+
+    balanced: a quarter positive (so that AUROC is measurable on few rows); else the first rows as they come.
+    """
+    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
+    from modeling_ehr_prs.risk import DEATH_CODE, load_model_and_tokenizer
+    from tokenizer import inputs_at_prediction_times
+
+    model, tok, std = load_model_and_tokenizer(model_dir)
+    meds = read_meds_dataset(meds_dir)
+    prs = read_prs_table(prs_path) if prs_path and std is not None else None
+    held = meds.subject_splits.filter(pl.col("split") == "held_out").get_column("subject_id")
+    labels = read_labels(labels_path).filter(pl.col("subject_id").is_in(held.implode()))
+    if balanced:
+        pos = labels.filter(pl.col("boolean_value")).head(n_rows // 4)
+        labels = pl.concat([pos, labels.filter(~pl.col("boolean_value")).head(n_rows - pos.height)])
+    else:
+        labels = labels.head(n_rows)
+    prefix = model.config.prs_tokens if model.config.prs_fusion == "prefix" else 0
+    data = inputs_at_prediction_times(meds, labels, tok, std if prs else None, prs, split="held_out",
+                                      max_length=model.config.max_position_embeddings - prefix - max_new_tokens)
+    rows = {"prompts": [list(x) for x in data["input_ids"]], "y": np.asarray(data["boolean_value"], dtype=bool),
+            "prs": None, "prs_mask": None, "target": tok.code_token_ids(codes),
+            "token_days": torch.tensor(tok.token_days, dtype=torch.float32),
+            "stops": [tok.eos_token_id] + ([tok.get_vocab()[DEATH_CODE]] if DEATH_CODE in tok.get_vocab() else [])}
+    if model.config.n_prs and prs is not None:
+        rows["prs"] = torch.tensor(np.asarray(data["prs"], dtype=np.float32))
+        rows["prs_mask"] = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))
+    return model, tok, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_row_arguments(parser)
     parser.add_argument("--subjects", type=int, default=64, help="held-out label rows scored by both")
     parser.add_argument("--samples", type=int, default=16, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
-    from modeling_ehr_prs.risk import DEATH_CODE, load_model_and_tokenizer, sample_risk
-    from tokenizer import inputs_at_prediction_times
+    from modeling_ehr_prs.risk import sample_risk
 
-    model, tok, std = load_model_and_tokenizer(args.model)
-    meds = read_meds_dataset(args.meds)
-    prs = read_prs_table(args.prs) if args.prs and std is not None else None
-    held = meds.subject_splits.filter(pl.col("split") == "held_out").get_column("subject_id")
-    labels = read_labels(args.labels).filter(pl.col("subject_id").is_in(held.implode()))
-    # A balanced sample so that AUROC is measurable on few rows.
-    pos = labels.filter(pl.col("boolean_value")).head(args.subjects // 4)
-    neg = labels.filter(~pl.col("boolean_value")).head(args.subjects - pos.height)
-    labels = pl.concat([pos, neg])
-    prefix = model.config.prs_tokens if model.config.prs_fusion == "prefix" else 0
-    data = inputs_at_prediction_times(meds, labels, tok, std if prs else None, prs, split="held_out",
-                                      max_length=model.config.max_position_embeddings - prefix - args.max_new_tokens)
-    prompts = [list(x) for x in data["input_ids"]]
-    y = np.asarray(data["boolean_value"], dtype=bool)
-    prs_t = mask_t = None
-    if model.config.n_prs:
-        prs_t = torch.tensor(np.asarray(data["prs"], dtype=np.float32))
-        mask_t = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))
-    target = tok.code_token_ids(args.codes)
-    days = torch.tensor(tok.token_days, dtype=torch.float32)
-    stops = [tok.eos_token_id] + ([tok.get_vocab()[DEATH_CODE]] if DEATH_CODE in tok.get_vocab() else [])
+    model, tok, rows = load_rows(args.model, args.meds, args.prs, args.labels, args.codes, args.subjects,
+                                 args.max_new_tokens, balanced=True)
+    prompts, y, prs_t, mask_t, target, days, stops = (rows[k] for k in ("prompts", "y", "prs", "prs_mask", "target",
+                                                                        "token_days", "stops"))
 
     print(f"{len(prompts)} subjects ({int(y.sum())} positive), K={args.samples}, horizon {args.horizon_days} days, "
           f"model {args.model} ({model.config.prs_fusion}), {args.threads} threads")
