@@ -524,8 +524,12 @@ def run(args: argparse.Namespace) -> None:
     if scores.truncated_paths:
         print(f"note: {scores.truncated_paths} of {len(prompts) * args.samples} paths reached --max-new-tokens "
               f"{args.max_new_tokens} before the horizon (their risk counts only what they generated)", file=sys.stderr)
-    cv = (f", control variates removed {scores.variance_reduction:.0%} of the per-row variance"
-          if args.control_variates and args.samples > 1 else "")
+    cv = ""
+    if args.control_variates:
+        cv = (f", control variates removed {scores.variance_reduction:.0%} of the per-row variance"
+              if scores.variance_reduction > 0 else
+              ", control variates not applied (they need --samples >= 2 and about "
+              f"{CV_MIN_PATHS_PER_FEATURE * min(len(tokenizer.token_days), CV_MAX_FEATURES) * 2} paths in all)")
     print(f"wrote {args.out}: {frame.height} rows, method {args.method}, K={args.samples}, "
           f"mean risk {frame['predicted_boolean_probability'].mean():.4f}, "
           f"mean MC standard error {np.nanmean(scores.stderr):.4f}{cv}")
