@@ -61,6 +61,15 @@ def add_row_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2)
 
 
+def parse_and_load(parser: argparse.ArgumentParser, balanced: bool):
+    """Parse the flags (add_row_arguments plus --subjects and --max-new-tokens), set the threads, load the rows."""
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok, rows = load_rows(args.model, args.meds, args.prs, args.labels, args.codes, args.subjects,
+                                 args.max_new_tokens, balanced)
+    return args, model, tok, rows
+
+
 def load_rows(model_dir, meds_dir, prs_path, labels_path, codes, n_rows, max_new_tokens, balanced):
     """The model, its tokenizer and the first n_rows held-out label rows as sample_risk inputs.
 
@@ -99,13 +108,9 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=64, help="held-out label rows scored by both")
     parser.add_argument("--samples", type=int, default=16, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
+    args, model, tok, rows = parse_and_load(parser, balanced=True)
     from modeling_ehr_prs.risk import sample_risk
 
-    model, tok, rows = load_rows(args.model, args.meds, args.prs, args.labels, args.codes, args.subjects,
-                                 args.max_new_tokens, balanced=True)
     prompts, y, prs_t, mask_t, target, days, stops = (rows[k] for k in ("prompts", "y", "prs", "prs_mask", "target",
                                                                         "token_days", "stops"))
 

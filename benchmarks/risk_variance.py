@@ -17,10 +17,9 @@ import argparse
 import time
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
-from benchmarks.risk_throughput import add_row_arguments, load_rows
+from benchmarks.risk_throughput import add_row_arguments, parse_and_load
 
 
 def main() -> None:
@@ -31,13 +30,9 @@ def main() -> None:
                         "fits one coefficient per token on half of them: a few hundred rows at least)")
     parser.add_argument("--samples", type=int, default=4, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
+    args, model, tok, rows = parse_and_load(parser, balanced=False)
     from modeling_ehr_prs.risk import sample_risk
 
-    model, tok, rows = load_rows(args.model, args.meds, args.prs, args.labels, args.codes, args.subjects,
-                                 args.max_new_tokens, balanced=False)
     y = rows["y"]
     print(f"{len(y)} rows ({int(y.sum())} positive), {args.method}, K={args.samples}, model {args.model} "
           f"({model.config.prs_fusion}), {args.threads} threads")

@@ -456,16 +456,16 @@ def plot_prs_deciles(dec: dict, models: list[str], out: Path) -> str:
     return "prs_deciles.png"
 
 
-def add_recorded_truth(preds: pl.DataFrame, truth_path: str | Path, prs_path: str | Path) -> pl.DataFrame | None:
+def add_recorded_truth(preds: pl.DataFrame, truth_path: str | Path, prs_groups: pl.DataFrame) -> pl.DataFrame | None:
     """Add TRUTH_RECORDED_NAME: true_probability for genotyped rows, true_probability_no_genetic (the
-    genetic term integrated out) for the rest. None when the truth file has no such column."""
+    genetic term integrated out) for the rest (prs_groups: prs_subgroups' output). None when the
+    truth file has no such column."""
     t = pl.read_parquet(truth_path)
     if "true_probability_no_genetic" not in t.columns:
         return None
     t = t.select(pl.col("subject_id").cast(pl.Int64), pl.col("prediction_time").cast(pl.Datetime("us")),
                  pl.col("true_probability_no_genetic").cast(pl.Float64).alias("_p0"))
-    geno = prs_subgroups(prs_path, preds).select(*KEY, "genotyped")
-    out = preds.join(t, on=KEY, how="left").join(geno, on=KEY, how="left")
+    out = preds.join(t, on=KEY, how="left").join(prs_groups.select(*KEY, "genotyped"), on=KEY, how="left")
     out = out.with_columns(pl.when(pl.col("genotyped") == "genotyped").then(pl.col(TRUTH_NAME))
                            .otherwise(pl.col("_p0")).alias(TRUTH_RECORDED_NAME)).drop("_p0", "genotyped")
     missing = out.filter(pl.col(TRUTH_RECORDED_NAME).is_null()).height
@@ -497,10 +497,11 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
     """All numbers of the report as a JSON-able dict, plus the aligned table (KEY, label, one column per model)."""
     table = load_predictions(inputs.predictions)
     models = list(inputs.predictions)
+    prs_groups = prs_subgroups(inputs.prs, table) if inputs.prs is not None else None  # read the PRS table once
     if inputs.truth is not None:
         table = add_truth(table, inputs.truth)
         models.append(TRUTH_NAME)
-        recorded = add_recorded_truth(table, inputs.truth, inputs.prs) if inputs.prs is not None else None
+        recorded = add_recorded_truth(table, inputs.truth, prs_groups) if prs_groups is not None else None
         if recorded is not None:
             table = recorded
             models.append(TRUTH_RECORDED_NAME)
@@ -529,7 +530,7 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
         groups = groups.join(meds_subgroups(inputs.meds, table), on=KEY)
         variables += ["age_band", "sex", "race"]
     if inputs.prs is not None:
-        groups = groups.join(prs_subgroups(inputs.prs, table), on=KEY)
+        groups = groups.join(prs_groups, on=KEY)
         variables += [v for v in ("ancestry", "genotyped") if v in groups.columns]
     res["subgroups"] = subgroup_metrics(table.join(groups, on=KEY), models, variables, inputs.min_cell)
     if "genotyped" in groups.columns:

@@ -30,8 +30,9 @@ visits). For each token x, M_x = (times x was sampled) - (sum over steps of its 
 probability) has mean zero along any path, whatever the model, so value - M . beta is still
 unbiased for any fixed beta. beta is a ridge regression of the paths' within-row deviations on
 theirs, cross-fitted: rows are split in two halves by index and each half is corrected with the
-beta fitted on the other, so no row's own paths choose its correction. On the demo's T2D rows this
-cuts the per-row variance by about a third at K = 4 (`RiskScores.variance_reduction`).
+beta fitted on the other, so no row's own paths choose its correction. On the demo's T2D rows at
+K = 4 this cuts the per-row variance by a third (1,200 rows) to a half (all 3,149 rows)
+(`RiskScores.variance_reduction`).
 """
 
 from __future__ import annotations
@@ -383,7 +384,8 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
         probs = logp.exp()  # what the path samples from (targets masked for survival), (rows, vocab)
         next_ids = coupled_sample(probs, is_target, uniforms[live, step])  # (rows,)
         if n_features:
-            q = probs.double() / probs.double().sum(dim=-1, keepdim=True)
+            q = probs.double()
+            q = q / q.sum(dim=-1, keepdim=True)  # (rows, vocab): the sampling distribution
             if n_features < q.shape[-1]:
                 q = q.new_zeros(q.shape[0], n_features).index_add_(1, bucket, q)
             step_increment = -q  # (rows, n_features)
