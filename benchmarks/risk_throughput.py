@@ -19,6 +19,7 @@ Goal: engine >= 5x the subjects/s of generate, with equal AUROC.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -28,7 +29,9 @@ from sklearn.metrics import roc_auc_score
 
 
 def generate_path_risk(model, prompt, prs, prs_mask, target, token_days, horizon, k, max_new_tokens, seed, stop_ids):
-    """One subject the paper-code way: generate K continuations, then score them from raw logits."""
+    """One subject the paper-code way: generate K continuations, then score them from raw logits.
+
+    Returns the path estimate (mean over the K paths) and its Monte Carlo standard error."""
     torch.manual_seed(seed)
     ids = torch.tensor([prompt])
     kwargs = {}
@@ -47,7 +50,8 @@ def generate_path_risk(model, prompt, prs, prs_mask, target, token_days, horizon
     finished = torch.isin(new, torch.tensor(stop_ids))
     alive &= torch.cumsum(finished.long(), 1) - finished.long() == 0  # nothing after a stop token
     log_surv = (torch.log1p(-h.clamp(max=1 - 1e-12)) * alive).sum(1)
-    return float((1 - log_surv.exp()).mean())
+    values = (1 - log_surv.exp()).double()  # (k,) one path estimate each
+    return float(values.mean()), float(values.std() / math.sqrt(k)) if k > 1 else math.nan
 
 
 def add_row_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +112,8 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=64, help="held-out label rows scored by both")
     parser.add_argument("--samples", type=int, default=16, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--agreement-seeds", type=int, default=10,
+                        help="score the rows again with this many engine seeds, to show its AUROC's Monte Carlo spread")
     args, model, tok, rows = parse_and_load(parser, balanced=True)
     from modeling_ehr_prs.risk import sample_risk
 
@@ -123,11 +129,11 @@ def main() -> None:
     t_ours = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    theirs = np.array([
+    theirs, theirs_se = np.array([
         generate_path_risk(model, p, None if prs_t is None else prs_t[i], None if mask_t is None else mask_t[i],
                            target, days, args.horizon_days, args.samples, args.max_new_tokens, i, stops)
         for i, p in enumerate(prompts)
-    ])
+    ]).T
     t_theirs = time.perf_counter() - t0
 
     r_ours, r_theirs = len(prompts) / t_ours, len(prompts) / t_theirs
@@ -135,6 +141,33 @@ def main() -> None:
     print(f"engine            : {r_ours:8.2f} subjects/s   AUROC {roc_auc_score(y, ours.probability):.3f}")
     print(f"ratio engine / generate: {r_ours / r_theirs:.1f}x   (goal >= 5x); "
           f"Pearson r of the two risk vectors {np.corrcoef(theirs, ours.probability)[0, 1]:.3f}")
+    report_agreement(y, ours.probability, ours.stderr, theirs, theirs_se)
+    if args.agreement_seeds:
+        # The AUROC of a few rows moves with the Monte Carlo draw itself, which a bootstrap over rows
+        # does not see: show the engine's own spread over seeds, and where generate's AUROC falls in it.
+        aurocs = np.array([roc_auc_score(y, sample_risk(
+            model, prompts, target, days, args.horizon_days, "path", args.samples, prs_t, mask_t, stops,
+            tok.pad_token_id, args.max_new_tokens, 256, seed=seed, progress=False, control_variates=False).probability)
+            for seed in range(1, args.agreement_seeds + 1)])
+        print(f"engine AUROC over {len(aurocs)} more seeds: mean {aurocs.mean():.3f}, range [{aurocs.min():.3f}, "
+              f"{aurocs.max():.3f}]; generate's {roc_auc_score(y, theirs):.3f} is above "
+              f"{np.mean(aurocs < roc_auc_score(y, theirs)):.0%} of them")
+
+
+def report_agreement(y: np.ndarray, ours: np.ndarray, ours_se: np.ndarray, theirs: np.ndarray,
+                     theirs_se: np.ndarray) -> None:
+    """Whether the two sides estimate the same risks, beyond the AUROC of a few rows.
+
+    Both are unbiased Monte Carlo estimates of each row's risk from independent paths, so per row
+    z = (ours - theirs) / sqrt(se_ours^2 + se_theirs^2) should be about standard normal: mean z near
+    0 (a bias in either would shift it) and |z| > 1.96 in about 5 % of rows (fewer when heavy-tailed
+    path values inflate the standard errors of K paths).
+    """
+    z = (ours - theirs) / np.sqrt(ours_se**2 + theirs_se**2)
+    z = z[np.isfinite(z)]
+    print(f"per-row agreement: mean risk {ours.mean():.4f} (engine) vs {theirs.mean():.4f} (generate); "
+          f"z = difference / joint standard error over {z.size} rows: mean {z.mean():+.2f} "
+          f"(SE {1 / math.sqrt(max(z.size, 1)):.2f}), |z| > 1.96 in {np.mean(np.abs(z) > 1.96):.0%} (expect <= ~5 %)")
 
 
 if __name__ == "__main__":
