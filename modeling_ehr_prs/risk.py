@@ -48,6 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.incidence import load_incidence, pooled_states
 
 try:  # the cache layer class of transformers 5 (DynamicCache.layers)
     from transformers.cache_utils import DynamicLayer
@@ -97,6 +98,7 @@ def sample_risk(
     seed: int = 0,
     progress: bool = True,
     control_variates: bool = True,
+    incidence_refit: tuple[torch.Tensor, float] | None = None,
 ) -> RiskScores:
     """Risk of any `target_ids` token within `horizon_days` of generated time, for each prompt.
 
@@ -104,6 +106,8 @@ def sample_risk(
     clock (0 for non-time tokens); prs (rows, n_prs) and prs_mask (rows,) when the model reads PRS.
     control_variates: correct each path by its tokens' martingale increments (module docstring);
     needs K >= 2 and enough paths to fit, else the plain average is returned.
+    incidence_refit: (w (hidden_size,), b) from `ehr-prs incidence-refit`: each row's target logits are
+    shifted by b + w . (mean final hidden state of its prompt) at every step (modeling_ehr_prs.incidence).
     """
     if method not in METHODS:
         raise InputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -133,6 +137,7 @@ def sample_risk(
             model, [prompts[i] for i in idx], target, stops, token_days, horizon_days, method, k,
             None if prs is None else prs[idx].to(device), None if prs_mask is None else prs_mask[idx].to(device),
             pad_token_id, max_new_tokens, uniforms, device, n_features if features is not None else 0,
+            incidence_refit,
         )
         values[idx] = batch_values
         if features is not None:
@@ -345,13 +350,19 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torc
 
 
 def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k, prs, prs_mask,
-                  pad_token_id, max_new_tokens, uniforms, device, n_features=0):
+                  pad_token_id, max_new_tokens, uniforms, device, n_features=0, incidence_refit=None):
     """Sample k paths for each of b prompts; returns (b, k) path values, (b, k, n_features) control-variate
     features (None if n_features is 0), truncated and generated counts."""
     ids, mask = _left_pad(prompts, pad_token_id, device)  # (b, s)
     b = ids.shape[0]
-    out = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, prs=prs, prs_mask=prs_mask, use_cache=True, logits_to_keep=1,
+                output_hidden_states=incidence_refit is not None)
     cache = out.cache
+    shift = None  # (b * k,) per path: the incidence refit's log rate ratio of the targets, from its prompt
+    if incidence_refit is not None:
+        w, bias = incidence_refit
+        summary = pooled_states(out.hidden_states[-1].float(), mask)[:, -1]  # (b, d): left padded, last = whole prompt
+        shift = (bias + summary @ w.to(device=device, dtype=torch.float32)).repeat_interleave(k)
     # Encode each prompt once; its K paths share that one copy (prefix positions are always valid).
     prefix = cache.get_seq_length() - ids.shape[1]
     key_valid = torch.cat([mask.new_ones(b, prefix), mask], dim=1).bool()  # (b, prefix + s)
@@ -375,6 +386,8 @@ def _sample_batch(model, prompts, target, stops, token_days, horizon, method, k,
         bucket = torch.arange(logits.shape[-1], device=device) % n_features  # (vocab,)
     generated = 0
     for step in range(max_new_tokens):
+        if shift is not None:
+            logits[:, target] += shift[live][:, None]
         logp = torch.log_softmax(logits, dim=-1)  # raw next-token distribution, (rows, vocab)
         if method in ("path", "survival"):
             h = torch.logsumexp(logp[:, target], dim=-1).exp().clamp(max=1 - 1e-12)  # (rows,)
@@ -445,6 +458,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="correct each path by its tokens' zero-mean sampling increments (unbiased; about a "
                              "third less per-row variance on the demo's T2D rows at K=4); needs --samples >= 2")
     parser.add_argument("--limit", type=int, help="score only the first N label rows of the split")
+    parser.add_argument("--incidence-refit", metavar="FILE",
+                        help="a refit of the target codes' onset rate on the history summary, written by "
+                             "`ehr-prs incidence-refit` for the same model and --codes")
 
 
 def load_model_and_tokenizer(model_dir: str | Path):
@@ -479,6 +495,19 @@ def run(args: argparse.Namespace) -> None:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     model, tokenizer, standardizer = load_model_and_tokenizer(args.model)
     target_ids = tokenizer.code_token_ids(args.codes)
+    refit = None
+    if args.incidence_refit:
+        w, bias, tokens, _ = load_incidence(args.incidence_refit)
+        wanted = tokenizer.convert_ids_to_tokens(sorted(target_ids))
+        if sorted(tokens) != sorted(wanted):
+            raise InputError(f"--incidence-refit {args.incidence_refit} was fitted for {len(tokens)} tokens "
+                             f"({', '.join(tokens[:4])}{', ...' if len(tokens) > 4 else ''}) but --codes {args.codes} "
+                             f"name {len(wanted)} ({', '.join(wanted[:4])}{', ...' if len(wanted) > 4 else ''}): "
+                             "refit with the same --codes")
+        if w.numel() != model.config.hidden_size:
+            raise InputError(f"--incidence-refit {args.incidence_refit}: {w.numel()} weights, but {args.model} has "
+                             f"hidden size {model.config.hidden_size}: it was fitted for another model")
+        refit = (w, bias)
     meds = read_meds_dataset(args.meds)
     prs = read_prs_table(args.prs) if args.prs else None
     if prs is not None and standardizer is None:
@@ -514,7 +543,7 @@ def run(args: argparse.Namespace) -> None:
     scores = sample_risk(
         model, prompts, target_ids, torch.tensor(tokenizer.token_days), args.horizon_days, args.method,
         args.samples, prs_t, prs_mask_t, stop_ids, tokenizer.pad_token_id, args.max_new_tokens,
-        args.paths_per_batch, args.seed, control_variates=args.control_variates,
+        args.paths_per_batch, args.seed, control_variates=args.control_variates, incidence_refit=refit,
     )
     frame = pl.DataFrame({
         "subject_id": np.asarray(data["subject_id"], dtype=np.int64),

@@ -122,6 +122,50 @@ def test_control_variates_stay_unbiased_and_cut_the_variance(method):
     assert few.variance_reduction == 0.0
 
 
+@pytest.mark.parametrize("through", ["bias", "history summary"])
+def test_incidence_refit_scales_the_target_rate_exactly(through):
+    """A refit (w, b) adds b + w . s(prompt) to the target logits at every step; the constant model's
+    final states are all ones, so w = (delta / d) 1 and b = delta are the same shift, and the risk must
+    become the exact risk of the shifted distribution (targets x2 here), not the model's own."""
+    p = fixed_distribution()
+    model = constant_model(p)
+    d = model.config.hidden_size
+    delta = math.log(2.0)
+    is_target = torch.zeros(VOCAB, dtype=torch.bool)
+    is_target[[TARGET_A, TARGET_B]] = True
+    shifted = torch.softmax(torch.log(p) + delta * is_target, dim=0)
+    truth, before = exact_risk(shifted), exact_risk(p)
+    assert truth > 1.4 * before  # a shift the check can see
+    refit = (torch.zeros(d), delta) if through == "bias" else (torch.full((d,), delta / d), 0.0)
+    prompts = [[OTHER, DAY1, OTHER], [OTHER] * 5, [DAY1]] * 8  # different lengths: left padding is pooled out
+    r = sample_risk(model, prompts, [TARGET_A, TARGET_B], DAYS, HORIZON, method="survival", samples=32,
+                    stop_ids=[EOS], pad_token_id=PAD, max_new_tokens=600, seed=1, progress=False,
+                    control_variates=False, incidence_refit=refit)
+    se = r.path_values.std(ddof=1) / math.sqrt(r.path_values.size)
+    assert abs(r.path_values.mean() - truth) < 4 * se, (r.path_values.mean(), truth, se)
+    assert abs(r.path_values.mean() - before) > 8 * se
+
+
+def test_incidence_fit_recovers_a_known_rate_ratio_and_stays_at_zero_without_one():
+    from modeling_ehr_prs.incidence import fit_incidence
+
+    rng = np.random.default_rng(0)
+
+    def stats(n, w_true, b_true):
+        s = rng.normal(size=(n, 4))
+        p = np.full(n, 0.02)
+        y = (rng.random(n) < p * np.exp(b_true + s @ w_true)).astype(float)
+        return {"s": s, "p": p, "y": y, "weight": np.ones(n)}
+
+    w_true = np.array([0.8, -0.5, 0.0, 0.0])
+    w, b, report = fit_incidence(stats(40_000, w_true, 0.3), stats(20_000, w_true, 0.3))
+    assert np.abs(w - w_true).max() < 0.12 and abs(b - 0.3) < 0.12, (w, b)
+    assert report["tuning_gain_nats"] > 50
+    # the summary says nothing about the onsets: no gain on the tuning split, and the refit stays at 0
+    w0, b0, report0 = fit_incidence(stats(20_000, np.zeros(4), 0.0), stats(10_000, np.zeros(4), 0.0), alphas=(1.0, 0.3))
+    assert report0["chosen_alpha"] is None and not np.any(w0) and b0 == 0.0
+
+
 def test_time_counts_generated_tokens_only():
     """A prompt full of time tokens must not use up the horizon: risk is the same as for a short prompt."""
     p = fixed_distribution()
@@ -357,3 +401,63 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion, r
                 cb.batch_select_indices(keep)
                 m, position = m[keep], position[keep]
     assert cb.layers[0]._len == 25 and cb.layers[0]._k.shape[-2] >= 25
+
+
+def test_incidence_refit_cli_writes_a_refit_that_risk_uses_and_rejects_other_codes(pipeline, tmp_path, capsys):
+    import json
+
+    import polars as pl
+
+    from modeling_ehr_prs import cli as cli_module
+    from modeling_ehr_prs.incidence import load_incidence
+
+    refit = tmp_path / "t2d.safetensors"
+    assert cli_module.main(["incidence-refit", "--model", str(pipeline / "model"), "--data", str(pipeline / "tok"),
+                            "--codes", "ICD10CM/E11*", "--out", str(refit), "--negative-fraction", "0.5"]) == 0
+    assert "training onsets" in capsys.readouterr().out
+    w, b, tokens, report = load_incidence(refit)
+    hidden = json.loads((pipeline / "model" / "config.json").read_text())["hidden_size"]
+    assert w.shape == (hidden,) and len(tokens) > 1 and all(t.startswith("ICD10CM/E11") for t in tokens)
+    assert report["train_onsets"] >= 20 and report["codes"] == ["ICD10CM/E11*"]
+    c = pipeline / "cohort"
+    args = ["--model", pipeline / "model", "--meds", c / "meds", "--prs", c / "prs.parquet", "--labels",
+            c / "labels" / "t2d.parquet", "--codes", "ICD10CM/E11*", "--horizon-days", 365, "--samples", 2,
+            "--max-new-tokens", 16]
+    assert cli(*args, "--out", tmp_path / "plain.parquet") == 0
+    assert cli(*args, "--out", tmp_path / "refit.parquet", "--incidence-refit", refit) == 0
+    plain = pl.read_parquet(tmp_path / "plain.parquet")["predicted_boolean_probability"].to_numpy()
+    with_refit = pl.read_parquet(tmp_path / "refit.parquet")["predicted_boolean_probability"].to_numpy()
+    if np.any(w.numpy()) or b != 0.0:
+        assert not np.allclose(plain, with_refit)
+    else:  # left at 0 (no tuning gain on so tiny a cohort): the model unchanged, to the last digit
+        assert np.array_equal(plain, with_refit)
+    capsys.readouterr()
+    # a refit for other codes, or a file that is not a refit: exit 2, no output
+    narrower = [("ICD10CM/E11.9" if a == "ICD10CM/E11*" else a) for a in args]  # one of the refit's tokens only
+    assert cli(*narrower, "--out", tmp_path / "x.parquet", "--incidence-refit", refit) == 2
+    assert "refit with the same --codes" in capsys.readouterr().err
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    assert cli(*args, "--out", tmp_path / "y.parquet", "--incidence-refit", tmp_path / "junk.safetensors") == 2
+    assert "incidence-refit" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "y.parquet").exists()
+
+
+def test_incidence_statistics_read_the_scores_of_a_model_that_takes_them(pipeline):
+    """The refit's offset is the model's own onset probability: for a PRS model it must come from
+    the person's scores, not from the "no genotype" tokens (rows without a prs column)."""
+    import datasets
+
+    from modeling_ehr_prs.incidence import onset_statistics
+    from modeling_ehr_prs.risk import load_model_and_tokenizer
+
+    model, tok, _ = load_model_and_tokenizer(pipeline / "model")
+    rows = datasets.load_from_disk(str(pipeline / "tok" / "train"))
+    rows = rows.select(np.flatnonzero(np.asarray(rows["prs_mask"], dtype=bool))[:24])  # genotyped
+    target = tok.code_token_ids(["ICD10CM/E11*"])
+    start = np.array([t.startswith(("AGE/", "TIME/")) for t in tok.convert_ids_to_tokens(list(range(len(tok))))])
+    kw = dict(negative_fraction=1.0, desc="test")
+    with_scores = onset_statistics(model, rows, target, start, **kw)
+    without = onset_statistics(model, rows.remove_columns(["prs", "prs_mask"]), target, start, **kw)
+    assert with_scores["y"].size == without["y"].size > 100 and np.array_equal(with_scores["y"], without["y"])
+    assert not np.allclose(with_scores["p"], without["p"])
+    assert np.all((with_scores["p"] > 0) & (with_scores["p"] < 1)) and np.all(with_scores["weight"] == 1.0)
