@@ -18,12 +18,18 @@ training split, with no task labels (only the corpus the model was pretrained on
    p_t (the model's probability of those codes) and s_t, the mean of the model's final hidden
    states over tokens 0..t: a summary of the history so far. Non-events are subsampled
    (`--negative-fraction`, reweighted) to keep the fit small.
+   Rows the tokenizer cut to its max length are left out: their first outcome code in the window
+   may repeat a diagnosis made before it.
 2. Poisson regression y_t ~ p_t exp(b + w . s_t) (offset log p_t), ridge penalty chosen on the
-   tuning split's log-likelihood gain over b = w = 0. With no gain the refit stays at 0 (the
-   model unchanged) and says so.
+   tuning split's log-likelihood gain over b = w = 0; then b alone is refitted on the tuning split
+   (the model was pretrained on the training split, so its p_t there runs optimistic). With no
+   gain the refit stays at 0 (the model unchanged) and says so.
 3. `ehr-prs risk --incidence-refit FILE` adds delta = b + w . s(prompt) to the outcome's logits
    at every sampled step of that row's paths, so each step's hazard becomes h e^delta /
-   (1 - h + h e^delta): the model's rate, rescaled by what the history summary adds.
+   (1 - h + h e^delta): the model's rate, rescaled by what the history summary adds. The summary
+   is the prompt's, held fixed along the path (the fit saw it updated token by token): an
+   approximation that is exact at the first step and drifts as a path grows (~47 generated tokens
+   for two years on the demo, against prompts of ~180).
 
 The file (safetensors) holds w (hidden_size,) and b, and as metadata the outcome's vocabulary
 tokens and the fit report; it stores no subject id.
@@ -77,10 +83,13 @@ def _model_inputs(rows, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 @torch.no_grad()
 def onset_statistics(model, rows, target_ids: list[int], start_token: np.ndarray, *, batch_size: int = 16,
-                     negative_fraction: float = 0.05, seed: int = 0, desc: str = "incidence") -> dict[str, np.ndarray]:
+                     negative_fraction: float = 0.05, seed: int = 0, max_length: int | None = None,
+                     desc: str = "incidence") -> dict[str, np.ndarray]:
     """Positions at risk of a tokenized split: s (n, d) history summaries, p (n,) model probability of
     the outcome, y (n,) 1 where it occurs next, weight (n,) 1 / sampling fraction; and `subjects`,
-    the number of sequences in which the outcome first occurs after the static prefix, and `sequences`."""
+    the number of sequences in which the outcome first occurs after the static prefix, `sequences`, and
+    `cut`, the rows left out because the tokenizer cut them to `max_length` (within 3 tokens of it:
+    it drops whole events of up to 3 tokens)."""
     device = next(model.parameters()).device
     model.eval()
     target = torch.tensor(sorted(set(target_ids)), device=device)
@@ -89,12 +98,15 @@ def onset_statistics(model, rows, target_ids: list[int], start_token: np.ndarray
     starts = torch.as_tensor(start_token, device=device)
     rng = np.random.default_rng(seed)
     lengths = np.asarray(rows["length"]) if "length" in rows.column_names else np.array([len(x) for x in rows["input_ids"]])
-    order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
+    keep_rows = lengths <= max_length - 3 if max_length else np.ones(len(lengths), dtype=bool)
+    order = np.flatnonzero(keep_rows)[np.argsort(lengths[keep_rows], kind="stable")]  # similar lengths together
     parts, subjects = [], 0
     for lo in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         ids, mask, extra = _model_inputs(rows.select(order[lo : lo + batch_size]), device)
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra)
-        p = torch.softmax(out.logits.float(), dim=-1)[..., target].sum(-1)  # (b, w): P(next token is the outcome)
+        logits = out.logits.float()  # (b, w, vocab)
+        # P(next token is the outcome), from log-sum-exps: a softmax in float32 can underflow to 0
+        p = (torch.logsumexp(logits[..., target], -1) - torch.logsumexp(logits, -1)).exp().clamp(min=1e-12)  # (b, w)
         s = pooled_states(out.hidden_states[-1].float(), mask)  # (b, w, d)
         b, width = ids.shape
         pos = torch.arange(width, device=device)
@@ -113,7 +125,8 @@ def onset_statistics(model, rows, target_ids: list[int], start_token: np.ndarray
         parts.append((s[keep].cpu(), p[keep].double().cpu(), y[keep].double().cpu()))
     s, p, y = (torch.cat([q[i] for q in parts]).numpy() if parts else np.zeros(0) for i in range(3))
     weight = np.where(y > 0, 1.0, 1.0 / negative_fraction)
-    return {"s": s, "p": p, "y": y, "weight": weight, "subjects": subjects, "sequences": len(rows)}
+    return {"s": s, "p": p, "y": y, "weight": weight, "subjects": subjects, "sequences": int(keep_rows.sum()),
+            "cut": int((~keep_rows).sum())}
 
 
 def poisson_gain(stats: dict, weight: np.ndarray, bias: float) -> float:
@@ -154,11 +167,16 @@ def fit_incidence(train: dict, tuning: dict | None, alphas: tuple[float, ...] = 
         report["note"] = "no tuning split: penalty not chosen on held-out data (middle of the path)"
     elif key <= 0:
         report["chosen_alpha"] = None
-        report["note"] = "the history summary gains nothing on the tuning split: refit left at 0 (model unchanged)"
+        report["note"] = "the refit gains nothing on the tuning split: left at 0 (model unchanged)"
         w, b = np.zeros(d), 0.0
     else:
+        # The level b again, on the tuning split (w fixed): the closed-form Poisson intercept there.
+        rate = tuning["weight"] * tuning["p"] * np.exp(tuning["s"] @ w)
+        report["train_bias"] = b
+        b = float(np.log(max((tuning["weight"] * tuning["y"]).sum(), 0.5) / rate.sum()))
         report["tuning_onsets"] = int(tuning["y"].sum())
         report["tuning_gain_nats"] = float(key)
+        report["tuning_gain_nats_after_bias_refit"] = round(poisson_gain(tuning, w, b), 2)
     return w, b, report
 
 
@@ -230,13 +248,16 @@ def run(args: argparse.Namespace) -> None:
                 rows = rows.select(np.sort(pick))
             stats[split] = onset_statistics(model, rows, target, start_token, batch_size=args.batch_size,
                                             negative_fraction=args.negative_fraction, seed=args.seed,
-                                            desc=f"incidence: {split} split")
+                                            max_length=tokenizer.model_max_length, desc=f"incidence: {split} split")
+    if "tuning" in stats and stats["tuning"]["y"].size == 0:
+        del stats["tuning"]  # nothing at risk there: no penalty choice, said in the report
     if stats["train"]["subjects"] < MIN_SUBJECTS:
         raise InputError(f"{data / 'train'}: {args.codes} first occur in {stats['train']['subjects']} sequences; "
                          f"a refit needs at least {MIN_SUBJECTS} (the dissemination rule)")
     weight, bias, report = fit_incidence(stats["train"], stats.get("tuning"))
     report.update({"codes": args.codes, "train_subjects_with_onset": stats["train"]["subjects"],
-                   "train_sequences": stats["train"]["sequences"], "negative_fraction": args.negative_fraction})
+                   "train_sequences": stats["train"]["sequences"], "train_sequences_cut_left_out": stats["train"]["cut"],
+                   "negative_fraction": args.negative_fraction})
     with atomic_output_file(args.out) as tmp:
         save_incidence(tmp, weight, bias, [tokens[i] for i in target], report)
     gain = report.get("tuning_gain_nats")

@@ -499,7 +499,7 @@ def run(args: argparse.Namespace) -> None:
     if args.incidence_refit:
         w, bias, tokens, _ = load_incidence(args.incidence_refit)
         wanted = tokenizer.convert_ids_to_tokens(sorted(target_ids))
-        if sorted(tokens) != sorted(wanted):
+        if set(tokens) != set(wanted):
             raise InputError(f"--incidence-refit {args.incidence_refit} was fitted for {len(tokens)} tokens "
                              f"({', '.join(tokens[:4])}{', ...' if len(tokens) > 4 else ''}) but --codes {args.codes} "
                              f"name {len(wanted)} ({', '.join(wanted[:4])}{', ...' if len(wanted) > 4 else ''}): "
