@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from modeling_ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.errors import InputError
 
 FORMAT = "ehr-prs incidence refit 1"
@@ -61,24 +62,6 @@ def pooled_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """
     m = mask.to(hidden.dtype)[..., None]  # (b, s, 1)
     return torch.cumsum(hidden * m, dim=1) / torch.cumsum(m, dim=1).clamp(min=1.0)
-
-
-def _model_inputs(rows, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Right-padded input_ids and mask (b, w) of dataset rows, plus prs/prs_mask when the rows carry scores."""
-    seqs = [list(r) for r in rows["input_ids"]]
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for j, s in enumerate(seqs):
-        ids[j, : len(s)] = torch.tensor(s)
-        mask[j, : len(s)] = 1
-    extra = {}
-    if "prs" in rows.column_names and len(rows) and len(rows[0]["prs"]):
-        prs = torch.tensor(np.asarray(rows["prs"], dtype=np.float32))
-        genotyped = torch.tensor(np.asarray(rows["prs_mask"], dtype=bool))
-        prs[~genotyped] = 0.0
-        extra = {"prs": prs.to(device), "prs_mask": genotyped.to(device)}
-    return ids.to(device), mask.to(device), extra
 
 
 @torch.no_grad()
@@ -100,10 +83,13 @@ def onset_statistics(model, rows, target_ids: list[int], start_token: np.ndarray
     lengths = np.asarray(rows["length"]) if "length" in rows.column_names else np.array([len(x) for x in rows["input_ids"]])
     keep_rows = lengths <= max_length - 3 if max_length else np.ones(len(lengths), dtype=bool)
     order = np.flatnonzero(keep_rows)[np.argsort(lengths[keep_rows], kind="stable")]  # similar lengths together
+    # The training collator: right padding, and the scores (zeroed for anyone not genotyped) when the rows carry them.
+    collate = EhrPrsCollator(pad_token_id=model.config.pad_token_id or 0, with_labels=False)
     parts, subjects = [], 0
     for lo in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        ids, mask, extra = _model_inputs(rows.select(order[lo : lo + batch_size]), device)
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra)
+        batch = {k: v.to(device) for k, v in collate(list(rows.select(order[lo : lo + batch_size]))).items()}
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        out = model(**batch, output_hidden_states=True)
         logits = out.logits.float()  # (b, w, vocab)
         # P(next token is the outcome), from log-sum-exps: a softmax in float32 can underflow to 0
         p = (torch.logsumexp(logits[..., target], -1) - torch.logsumexp(logits, -1)).exp().clamp(min=1e-12)  # (b, w)
@@ -121,7 +107,11 @@ def onset_statistics(model, rows, target_ids: list[int], start_token: np.ndarray
         y = torch.zeros_like(at_risk)
         y[:, :-1] = hit[:, 1:]
         y &= at_risk
-        keep = at_risk & (y | torch.from_numpy(rng.random((b, width)) < negative_fraction).to(device))
+        # draws over the real width only (not the collator's rounding-up), so a seed picks the same positions
+        draw = np.ones((b, width))
+        real = int(length.max())
+        draw[:, :real] = rng.random((b, real))
+        keep = at_risk & (y | torch.from_numpy(draw < negative_fraction).to(device))
         parts.append((s[keep].cpu(), p[keep].double().cpu(), y[keep].double().cpu()))
     s, p, y = (torch.cat([q[i] for q in parts]).numpy() if parts else np.zeros(0) for i in range(3))
     weight = np.where(y > 0, 1.0, 1.0 / negative_fraction)
@@ -144,6 +134,8 @@ def fit_incidence(train: dict, tuning: dict | None, alphas: tuple[float, ...] = 
     d = train["s"].shape[1]
     mean, scale = train["s"].mean(0), train["s"].std(0) + 1e-6
     z = (train["s"] - mean) / scale
+    if tuning is None:  # nothing to choose with: the middle of the path, said in the report
+        alphas = (alphas[len(alphas) // 2],)
     path, best = [], None
     for alpha in tqdm(alphas, desc="incidence: penalty path", unit="fit"):
         with warnings.catch_warnings():
@@ -157,7 +149,7 @@ def fit_incidence(train: dict, tuning: dict | None, alphas: tuple[float, ...] = 
         if tuning is not None:
             step["tuning_gain_nats"] = round(poisson_gain(tuning, w, b), 2)
         path.append(step)
-        key = step.get("tuning_gain_nats", -abs(np.log10(alpha) - np.log10(np.median(alphas))))
+        key = step.get("tuning_gain_nats", 0.0)
         if best is None or key > best[0]:
             best = (key, alpha, w, b)
     key, alpha, w, b = best
