@@ -11,7 +11,7 @@
 # to stroke and COPD with LoRA, a linear probe and GBM+PRS, with few-shot curves
 # (OUT_DIR/report_{stroke,copd}/report.md, OUT_DIR/fewshot/{stroke,copd}/fewshot.png).
 # To run it on your own data, replace step 1 with your MEDS folder and PRS table (see README).
-# On 2 CPU cores the T2D report (steps 1-6) takes ~28 minutes and the transfer step ~17 more
+# On 2 CPU cores the T2D report (steps 1-7) takes ~30 minutes and the transfer step ~17 more
 # (fewer without the LoRA few-shot line); DEMO_SUBJECTS, DEMO_PRS, DEMO_STEPS, DEMO_ADAPTER_STEPS,
 # DEMO_SAMPLES, DEMO_REFIT_SEQUENCES and DEMO_FEWSHOT_LORA scale it.
 set -euo pipefail
