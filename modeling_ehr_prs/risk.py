@@ -561,6 +561,7 @@ def run(args: argparse.Namespace) -> None:
               if scores.variance_reduction > 0 else
               ", control variates not applied (they need --samples >= 2 and about "
               f"{CV_MIN_PATHS_PER_FEATURE * min(len(tokenizer.token_days), CV_MAX_FEATURES) * 2} paths in all)")
+    refit_note = f", incidence refit {args.incidence_refit}" if args.incidence_refit else ""
     print(f"wrote {args.out}: {frame.height} rows, method {args.method}, K={args.samples}, "
           f"mean risk {frame['predicted_boolean_probability'].mean():.4f}, "
-          f"mean MC standard error {np.nanmean(scores.stderr):.4f}{cv}")
+          f"mean MC standard error {np.nanmean(scores.stderr):.4f}{cv}{refit_note}")

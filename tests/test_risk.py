@@ -428,7 +428,9 @@ def test_incidence_refit_cli_writes_a_refit_that_risk_uses_and_rejects_other_cod
             c / "labels" / "t2d.parquet", "--codes", "ICD10CM/E11*", "--horizon-days", 365, "--samples", 2,
             "--max-new-tokens", 16]
     assert cli(*args, "--out", tmp_path / "plain.parquet") == 0
+    assert "incidence refit" not in capsys.readouterr().out
     assert cli(*args, "--out", tmp_path / "refit.parquet", "--incidence-refit", refit) == 0
+    assert f"incidence refit {refit}" in capsys.readouterr().out  # the log says which refit scored the rows
     plain = pl.read_parquet(tmp_path / "plain.parquet")["predicted_boolean_probability"].to_numpy()
     with_refit = pl.read_parquet(tmp_path / "refit.parquet")["predicted_boolean_probability"].to_numpy()
     if np.any(w.numpy()) or b != 0.0:
