@@ -460,7 +460,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="score only the first N label rows of the split")
     parser.add_argument("--incidence-refit", metavar="FILE",
                         help="a refit of the target codes' onset rate on the history summary, written by "
-                             "`ehr-prs incidence-refit` for the same model and --codes")
+                             "`ehr-prs incidence-refit` with the same --codes, for this model or the frozen "
+                             "backbone its adapter continues (make demo shares one refit among four models)")
 
 
 def load_model_and_tokenizer(model_dir: str | Path):
