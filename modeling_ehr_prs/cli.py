@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("train", "pretrain the causal LM (+ genomic adapter) on tokenized data; same flags as train.py"),
     "risk": ("modeling_ehr_prs.risk", "zero-shot risk of target codes within a horizon, from sampled futures"),
     "incidence-refit": ("modeling_ehr_prs.incidence", "refit an outcome's onset rate on the frozen model's history summary (for risk --incidence-refit)"),
+    "record-ceiling": ("modeling_ehr_prs.record_ceiling", "simulated cohorts: a logistic regression told the true risk factors, to show how much of the true risk the record reveals"),
     "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
     "baseline": ("modeling_ehr_prs.baselines", "PRS-only logistic regression and count-feature GBMs (with/without PRS)"),
     "evaluate": ("modeling_ehr_prs.evaluation", "AUROC/AUPRC with paired bootstrap CIs, calibration, subgroups, PRS deciles"),

@@ -128,6 +128,10 @@ baselines() {
     ehr-prs baseline --kind "$kind" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
       --labels "$OUT/cohort/labels/t2d.parquet" --split held_out --threads 1 --out "$OUT/predictions/t2d_$kind.parquet"
   done
+  # A second ceiling beside the true risk: a logistic regression told the simulator's T2D risk
+  # factors and its T2D PRS columns, fitted on the same train labels. The true risk reads the latent
+  # state; this reads the record, which shows that state only at noisy, occasional measurements.
+  ehr-prs record-ceiling --cohort "$OUT/cohort" --task t2d --out "$OUT/predictions/t2d_oracle-lr.parquet"
 }
 
 step "4/8 genomic adapters on the frozen EHR-only model: prefix and cross-attention, $ADAPTER_STEPS steps each"
@@ -136,7 +140,7 @@ background adapter_cross_attention adapter cross_attention 1e-3 --config-overrid
 join_jobs
 
 step "5/8 closed-form fits on the frozen EHR-only model: the logit-bias adapter (PRS) and the T2D incidence refit (history); baselines"
-echo "   baselines: PRS-only logistic regression, count-feature GBM with and without PRS"
+echo "   baselines: PRS-only logistic regression, count-feature GBM with and without PRS, oracle risk-factor LR"
 refit_then_baselines() { incidence_refit; baselines; }
 background adapter_logit_bias logit_bias_fit
 background incidence_refit_and_baselines refit_then_baselines
@@ -150,7 +154,7 @@ background risk_cross_attention risk_t2d cross_attention
 background risk_logit_bias risk_t2d logit_bias
 join_jobs
 
-step "7/8 evaluate against the EHR-only model, with the simulator's true risk as the ceiling"
+step "7/8 evaluate against the EHR-only model, with the simulator's true risk and the oracle risk-factor LR as ceilings"
 # PRS alignment plot: the first score that carries T2D liability in the simulator.
 T2D_PRS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['traits']['t2d']['columns'][0])" \
   "$OUT/cohort/truth/prs_traits.json")
@@ -162,6 +166,7 @@ ehr-prs evaluate --out "$OUT/report" --reference "EHR-only" \
                 "PRS-only LR=$OUT/predictions/t2d_prs-lr.parquet" \
                 "GBM counts=$OUT/predictions/t2d_counts-gbm.parquet" \
                 "GBM counts+PRS=$OUT/predictions/t2d_counts-gbm-prs.parquet" \
+                "Risk-factor LR (oracle)=$OUT/predictions/t2d_oracle-lr.parquet" \
   --truth "$OUT/cohort/truth/t2d.parquet" --prs "$OUT/cohort/prs.parquet" --prs-column "$T2D_PRS" \
   --meds "$OUT/cohort/meds"
 
@@ -176,12 +181,14 @@ transfer() {  # transfer TASK
   # which would also save the PEFT adapter for `ehr-prs predict` (see README).
   ehr-prs fewshot --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --out "$OUT/fewshot/$task" \
     --methods $METHODS --shots 8 32 128 all --seeds 3 --seeds-all 1 --lora-shots 8 32 128 --lora-seeds 1
+  ehr-prs record-ceiling --cohort "$OUT/cohort" --task "$task" --out "$OUT/fewshot/$task/predictions/oracle_lr.parquet"
   local lora=()
   if [ "$FEWSHOT_LORA" = 1 ]; then lora=("LoRA K128=$OUT/fewshot/$task/predictions/lora_k128_seed0.parquet"); fi
   ehr-prs evaluate --out "$OUT/report_$task" --reference "GBM counts+PRS" \
     --predictions ${lora[@]+"${lora[@]}"} \
                   "Linear probe=$OUT/fewshot/$task/predictions/probe_kall_seed0.parquet" \
                   "GBM counts+PRS=$OUT/fewshot/$task/predictions/gbm_kall_seed0.parquet" \
+                  "Risk-factor LR (oracle)=$OUT/fewshot/$task/predictions/oracle_lr.parquet" \
     --truth "$OUT/cohort/truth/$task.parquet" --prs "$P" --meds "$M"
 }
 background transfer_stroke transfer stroke
