@@ -19,7 +19,7 @@ from events at or before its prediction time only:
 - the genetic liability g (ancestry-standardised sum of the carrier columns, times the
   ancestry's effect multiplier; 0 when not genotyped) and a genotyped indicator.
 A logistic regression (the hazard is log-linear in these) is fitted on train labels with C
-chosen on the tuning split's log loss; missing measurements get the train median and an
+chosen on the tuning split's log loss and scores the held-out labels; missing measurements get the train median and an
 indicator. `--train-rows-per-subject K` replaces the one train label per subject with up to K
 prediction times per train subject, drawn from the record itself (what a self-supervised model
 learns from).
@@ -128,8 +128,8 @@ def dense_train_rows(events: pl.DataFrame, task: str, per_subject: int, horizon_
 
 
 def _design(frame: pl.DataFrame, cols: list[str], medians: np.ndarray | None = None):
-    """Matrix with missing values set to the train median, plus one missing indicator per column
-    that can be missing (the measurement features)."""
+    """Matrix with missing values set to the train median, plus a missing indicator per column
+    (constant 0 for the columns that are never missing)."""
     X = frame.select(cols).to_numpy().astype(np.float64)
     miss = np.isnan(X)
     if medians is None:
@@ -176,7 +176,9 @@ def _read(cohort: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict]
 
 def record_ceiling(cohort: str | Path, task: str, split: str = meds.held_out_split, train_rows_per_subject: int = 0,
                    horizon_days: int = 730, seed: int = 0) -> tuple[pl.DataFrame, str]:
-    """Predictions (MEDS prediction schema columns) for the `split` labels of `task`, and a summary."""
+    """Predictions (MEDS prediction schema columns) for the `split` labels of `task`, and a summary.
+
+    C is chosen on the tuning split, so `split` should be held_out (the command's only choice)."""
     cohort = Path(cohort)
     if task not in TASKS:
         raise InputError(f"--task {task!r} is not a simulated task; choose one of {list(TASKS)}.")
@@ -209,8 +211,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", required=True, help="folder written by `ehr-prs simulate` (meds/, prs.parquet, labels/, truth/)")
     parser.add_argument("--task", required=True, choices=TASKS, help="which simulated task's labels to predict")
     parser.add_argument("--out", required=True, help="output prediction parquet (MEDS prediction schema)")
-    parser.add_argument("--split", default=meds.held_out_split, choices=[meds.tuning_split, meds.held_out_split],
-                        help="split to predict (default held_out)")
     parser.add_argument("--train-rows-per-subject", type=int, default=0,
                         help="0 (default): fit on labels/TASK.parquet's train rows; K > 0: up to K prediction times "
                              "per train subject drawn from the record itself")
@@ -224,9 +224,9 @@ def run(args: argparse.Namespace) -> None:
         raise InputError(f"--train-rows-per-subject must be >= 0 (got {args.train_rows_per_subject}).")
     if args.horizon_days <= 0:
         raise InputError(f"--horizon-days must be > 0 (got {args.horizon_days}).")
-    preds, summary = record_ceiling(args.cohort, args.task, args.split, args.train_rows_per_subject,
+    preds, summary = record_ceiling(args.cohort, args.task, meds.held_out_split, args.train_rows_per_subject,
                                     args.horizon_days, args.seed)
     write_predictions(preds, args.out)
     print(f"record-ceiling {args.task}: {summary}")
-    print(f"wrote {args.out}: {preds.height} predictions for split {args.split} "
+    print(f"wrote {args.out}: {preds.height} predictions for split held_out "
           f"({int(preds['boolean_value'].sum())} positive)")
