@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.errors import InputError, atomic_output_file
 
 FORMAT = "ehr-prs incidence refit 1"
 ALPHAS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # ridge penalties tried (sklearn PoissonRegressor units)
@@ -177,7 +177,9 @@ def save_incidence(path: str | Path, weight: np.ndarray, bias: float, tokens: li
     from safetensors.torch import save_file
 
     tensors = {"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor([bias], dtype=torch.float32)}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "tokens": json.dumps(tokens), "report": json.dumps(report)})
+    # written whole or not at all: `make demo` starts risk jobs as soon as this file exists
+    with atomic_output_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "tokens": json.dumps(tokens), "report": json.dumps(report)})
 
 
 def load_incidence(path: str | Path) -> tuple[torch.Tensor, float, list[str], dict]:

@@ -11,7 +11,7 @@
 # to stroke and COPD with LoRA, a linear probe and GBM+PRS, with few-shot curves
 # (OUT_DIR/report_{stroke,copd}/report.md, OUT_DIR/fewshot/{stroke,copd}/fewshot.png).
 # To run it on your own data, replace step 1 with your MEDS folder and PRS table (see README).
-# On 2 CPU cores the T2D report (steps 1-7) takes ~30 minutes and the transfer step ~17 more
+# On 2 CPU cores the T2D report (steps 1-6) takes ~30 minutes and the transfer step ~17 more
 # (fewer without the LoRA few-shot line); DEMO_SUBJECTS, DEMO_PRS, DEMO_STEPS, DEMO_ADAPTER_STEPS,
 # DEMO_SAMPLES, DEMO_REFIT_SEQUENCES and DEMO_FEWSHOT_LORA scale it.
 set -euo pipefail
@@ -28,21 +28,22 @@ ADAPTER_STEPS=${DEMO_ADAPTER_STEPS:-300}
 SAMPLES=${DEMO_SAMPLES:-4}
 # Training sequences the T2D incidence refit reads (a random sample; its forward pass is its cost).
 REFIT_SEQUENCES=${DEMO_REFIT_SEQUENCES:-6000}
-FEWSHOT_LORA=${DEMO_FEWSHOT_LORA:-1}  # 0: few-shot curves without LoRA (most of step 8's time is the LoRA fits)
+FEWSHOT_LORA=${DEMO_FEWSHOT_LORA:-1}  # 0: few-shot curves without LoRA (most of step 7's time is the LoRA fits)
 PRESET=${DEMO_PRESET:-small}
 HORIZON=730
+REFIT_FILE="$OUT/models/none/incidence_t2d.safetensors"  # the T2D incidence refit every risk job reads
 export TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 START=$(date +%s)
 step() { printf '\n== [%4ds] %s\n' $(( $(date +%s) - START )) "$*"; }
 
-step "1/8 simulate an All-of-Us-like cohort of $SUBJECTS subjects (30% held out, for tight CIs)"
+step "1/7 simulate an All-of-Us-like cohort of $SUBJECTS subjects (30% held out, for tight CIs)"
 ehr-prs simulate --out "$OUT/cohort" --subjects "$SUBJECTS" --n-prs "$N_PRS" --seed 0 --split-fractions 0.6,0.1,0.3
 
-step "2/8 tokenize (vocabulary and value bins from the train split, PRS standardised within ancestry)"
+step "2/7 tokenize (vocabulary and value bins from the train split, PRS standardised within ancestry)"
 ehr-prs tokenize --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" --out "$OUT/tok" --max-length 512
 
-step "3/8 pretrain the EHR-only model: $STEPS steps (preset $PRESET)"
+step "3/7 pretrain the EHR-only model: $STEPS steps (preset $PRESET)"
 ehr-prs pretrain --data "$OUT/tok" --output-dir "$OUT/models/none" --preset "$PRESET" --prs-fusion none \
   --max-steps "$STEPS" --batch-size 16 --max-seq-length 512 --learning-rate 2e-3 --warmup-steps 50 \
   --eval-steps "$STEPS" --save-steps "$STEPS" --save-total-limit 1 --logging-steps 100 --max-eval-samples 512
@@ -107,7 +108,7 @@ logit_bias_fit() {
 # less than the logit-bias fit beside it.
 incidence_refit() {
   ehr-prs incidence-refit --model "$OUT/models/none" --data "$OUT/tok" --codes 'ICD10CM/E11*' \
-    --max-sequences "$REFIT_SEQUENCES" --out "$OUT/models/none/incidence_t2d.safetensors"
+    --max-sequences "$REFIT_SEQUENCES" --out "$REFIT_FILE"
 }
 # Zero-shot risk, survival estimator: paths sampled with the T2D codes masked out, each weighted
 # by its probability of staying T2D-free; unbiased, and at K = 4 on these 3,149 rows it ranks better
@@ -119,7 +120,7 @@ incidence_refit() {
 risk_t2d() {  # risk_t2d FUSION
   ehr-prs risk --model "$OUT/models/$1" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
     --labels "$OUT/cohort/labels/t2d.parquet" --codes 'ICD10CM/E11*' --horizon-days "$HORIZON" \
-    --method survival --samples "$SAMPLES" --split held_out --incidence-refit "$OUT/models/none/incidence_t2d.safetensors" \
+    --method survival --samples "$SAMPLES" --split held_out --incidence-refit "$REFIT_FILE" \
     --out "$OUT/predictions/t2d_$1.parquet"
 }
 baselines() {
@@ -134,27 +135,35 @@ baselines() {
   ehr-prs record-ceiling --cohort "$OUT/cohort" --task t2d --out "$OUT/predictions/t2d_oracle-lr.parquet"
 }
 
-step "4/8 genomic adapters on the frozen EHR-only model: prefix and cross-attention, $ADAPTER_STEPS steps each"
+step "4/7 genomic adapters on the frozen EHR-only model: prefix and cross-attention, $ADAPTER_STEPS steps each"
 background adapter_prefix adapter prefix 2e-3
 background adapter_cross_attention adapter cross_attention 1e-3 --config-overrides prs_centered=true
 join_jobs
 
-step "5/8 closed-form fits on the frozen EHR-only model: the logit-bias adapter (PRS) and the T2D incidence refit (history); baselines"
+step "5/7 closed-form fits on the frozen EHR-only model (the logit-bias adapter, the T2D incidence refit), zero-shot T2D risk within $HORIZON days of the four generative models (survival, K=$SAMPLES, with the refit), baselines"
 echo "   baselines: PRS-only logistic regression, count-feature GBM with and without PRS, oracle risk-factor LR"
-refit_then_baselines() { incidence_refit; baselines; }
-background adapter_logit_bias logit_bias_fit
-background incidence_refit_and_baselines refit_then_baselines
+# Two chains of about equal length, so neither core waits (in the last run, as separate steps, the
+# core beside the 7-minute logit-bias fit idled for 164 s): (1) the incidence refit (~3 min), the
+# prefix and cross-attention models' risk jobs (~4-5 min each), the baselines (~1 min); (2) the
+# logit-bias fit, then the logit-bias and EHR-only models' risk jobs, which read chain 1's refit:
+# written minutes before they start, and awaited all the same.
+rm -f "$REFIT_FILE"  # a refit left by an earlier run into this folder must not be awaited
+await_file() {  # await_file FILE PID: until FILE exists; fail if process PID ended without writing it
+  until [ -e "$1" ]; do
+    if ! kill -0 "$2" 2>/dev/null; then
+      [ -e "$1" ] && return 0
+      echo "$1 was never written (its job failed; see $LOGS)" >&2; return 1
+    fi
+    sleep 2
+  done
+}
+refit_chain() { incidence_refit; risk_t2d prefix; risk_t2d cross_attention; baselines; }
+logit_bias_chain() { logit_bias_fit; await_file "$REFIT_FILE" "$1"; risk_t2d logit_bias; risk_t2d none; }
+background refit_risk_prefix_cross_attention_baselines refit_chain
+background logit_bias_fit_risk_logit_bias_none logit_bias_chain "${JOBS[0]%%:*}"
 join_jobs
 
-step "6/8 zero-shot T2D risk within $HORIZON days (survival, K=$SAMPLES, with the incidence refit) of the four generative models"
-background risk_none risk_t2d none
-background risk_prefix risk_t2d prefix
-join_jobs
-background risk_cross_attention risk_t2d cross_attention
-background risk_logit_bias risk_t2d logit_bias
-join_jobs
-
-step "7/8 evaluate against the EHR-only model, with the simulator's true risk and the oracle risk-factor LR as ceilings"
+step "6/7 evaluate against the EHR-only model, with the simulator's true risk and the oracle risk-factor LR as ceilings"
 # PRS alignment plot: the first score that carries T2D liability in the simulator.
 T2D_PRS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['traits']['t2d']['columns'][0])" \
   "$OUT/cohort/truth/prs_traits.json")
@@ -171,7 +180,7 @@ ehr-prs evaluate --out "$OUT/report" --reference "EHR-only" \
   --meds "$OUT/cohort/meds"
 
 if [ "$FEWSHOT_LORA" = 1 ]; then METHODS="lora probe gbm"; else METHODS="probe gbm"; fi
-step "8/8 transfer the EHR+PRS prefix model to stroke and COPD, few-shot: ${METHODS// /, } (GBM = counts+PRS)"
+step "7/7 transfer the EHR+PRS prefix model to stroke and COPD, few-shot: ${METHODS// /, } (GBM = counts+PRS)"
 # The two tasks run side by side, one thread each (logs: OUT/logs/transfer_{stroke,copd}.log).
 transfer() {  # transfer TASK
   local task=$1 L="$OUT/cohort/labels/$1.parquet" M="$OUT/cohort/meds" P="$OUT/cohort/prs.parquet"
