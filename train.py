@@ -26,7 +26,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +35,16 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 import modeling_ehr_prs  # noqa: F401  (registers the Auto classes)
 from modeling_ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.configuration_ehr_prs import PRESETS, PRS_FUSIONS, EhrPrsConfig
-from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.checked_load import (
+    all_finite,
+    check_finite,
+    check_model_folder,
+    checkpoint_problem,
+    describe_nonfinite,
+    load_checked,
+    nonfinite_tensors,
+)
+from modeling_ehr_prs.errors import InputError, check_output
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
 
 STANDARDIZER_FILE = "prs_standardizer.json"
@@ -50,9 +59,11 @@ class PretrainArguments:
     output_dir: str = field(metadata={"help": "Where checkpoints and the final self-contained model folder go."})
     preset: str = field(default="small", metadata={"help": f"Model size: one of {sorted(PRESETS)}."})
     prs_fusion: str = field(
-        default="prefix",
+        default="auto",
         metadata={"help": "Genomic adapter: none (EHR-only), prefix, cross_attention or logit_bias (with "
-                          "--init-from and --freeze-backbone, fitted in closed form: no gradient steps)."},
+                          "--init-from and --freeze-backbone, fitted in closed form: no gradient steps). "
+                          "Default auto: prefix when --data was tokenized with --prs, none when not (with "
+                          "--init-from, the checkpoint's adapter)."},
     )
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
     init_from: str | None = field(
@@ -63,7 +74,15 @@ class PretrainArguments:
         default=False, metadata={"help": "With --init-from: train only the genomic adapter, keep the decoder fixed."}
     )
     resume: bool = field(
-        default=False, metadata={"help": "Continue from the last checkpoint in --output-dir (after a kill)."}
+        default=False,
+        metadata={"help": "Continue from the newest complete checkpoint in --output-dir (after a kill); "
+                          "a checkpoint the kill cut short is skipped with a warning."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Delete what --output-dir holds (an earlier run's checkpoints and model, or other "
+                          "files) and start over. Never allowed when --output-dir is, holds or lies inside "
+                          "--data or --init-from."},
     )
     batch_size: int = field(default=16, metadata={"help": "Sequences per device per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -88,7 +107,7 @@ class PretrainArguments:
     seed: int = field(default=0, metadata={"help": "Random seed (model init, data order, PRS dropout)."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on when a GPU supports it)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory (large presets)."})
-    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model (~20% faster after warm-up)."})
+    torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model (~20%% faster after warm-up)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
     report_to: str = field(default="none", metadata={"help": "Trainer loggers: none, tensorboard, wandb, ..."})
     config_overrides: str | None = field(
@@ -127,6 +146,124 @@ def load_tokenized(data_dir: Path):
 def n_prs_of(dataset) -> int:
     """Width of the PRS vector in a tokenized split (0 for an EHR-only dataset)."""
     return len(dataset[0]["prs"])
+
+
+def resolve_prs_fusion(args: PretrainArguments, n_prs: int, data_dir: Path) -> str:
+    """The genomic adapter this run trains: --prs-fusion as given, or for `auto` what the data allows.
+
+    `auto` (the default) makes `--prs` optional end to end: data tokenized without a PRS table gives
+    an EHR-only model (none), data with one a prefix model; with --init-from, a checkpoint that
+    already has an adapter keeps its kind. The choice is printed, so a log says what was trained.
+    """
+    fusion = args.prs_fusion
+    if fusion != "auto" and fusion not in PRS_FUSIONS:
+        raise InputError(f"--prs-fusion {fusion!r}: choose auto or one of {', '.join(PRS_FUSIONS)}")
+    retokenize = "`ehr-prs tokenize --meds DIR --prs PRS_TABLE --out NEW_DIR`, then pass --data NEW_DIR"
+    init_fusion = None
+    if args.init_from is not None and (Path(args.init_from) / "config.json").is_file():
+        init_fusion = json.loads((Path(args.init_from) / "config.json").read_text()).get("prs_fusion") or "none"
+    if fusion != "auto":
+        if fusion != "none" and n_prs == 0:
+            raise InputError(
+                f"--prs-fusion {fusion} needs polygenic scores, but --data {data_dir} was tokenized without --prs. "
+                f"Add a PRS table ({retokenize}), or pass --prs-fusion none (or auto, the default) for an "
+                f"EHR-only model"
+            )
+        return fusion
+    if n_prs == 0:
+        if init_fusion not in (None, "none"):
+            raise InputError(
+                f"--init-from {args.init_from} has a genomic adapter (prs_fusion {init_fusion}) but --data "
+                f"{data_dir} was tokenized without --prs: add the PRS table ({retokenize}) to keep training it, "
+                f"or pass --prs-fusion none to continue its EHR part only"
+            )
+        fusion, why = "none", f"{data_dir} was tokenized without --prs: an EHR-only model"
+    elif init_fusion not in (None, "none"):
+        fusion, why = init_fusion, f"the adapter of --init-from {args.init_from}"
+    else:
+        fusion, why = "prefix", f"{data_dir} holds {n_prs} PRS columns"
+    print(f"note: --prs-fusion auto -> {fusion} ({why}); pass --prs-fusion to choose another", file=sys.stderr)
+    return fusion
+
+
+# ----------------------------------------------------------------------------- output folder and checkpoints
+
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # Trainer's PREFIX_CHECKPOINT_DIR-<global step>
+
+
+def checkpoints_in(out_dir: Path) -> list[Path]:
+    """Trainer's checkpoint-N folders in `out_dir`, oldest step first."""
+    if not out_dir.is_dir():
+        return []
+    found = [p for p in out_dir.iterdir() if p.is_dir() and CHECKPOINT_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)))
+
+
+def check_output_dir(args: PretrainArguments, out_dir: Path) -> bool:
+    """Refuse an --output-dir this run would damage; True when --overwrite must empty it (`clear_output_dir`).
+
+    - one that is, holds or lies inside --data or --init-from: always refused (even --overwrite);
+    - an earlier run's checkpoints: continued with --resume, deleted only with --overwrite (a rerun
+      after a kill must not lose them because --resume was forgotten);
+    - anything else there (a finished model, unrelated files): replaced only with --overwrite.
+    An empty folder holds nothing to lose and is used as it is. Nothing is deleted here: the
+    inputs are checked first, so a mistyped --data does not cost the earlier run.
+    """
+    check_output(out_dir, {"--data": args.data, "--init-from": args.init_from}, overwrite=True, flag="--output-dir")
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues the run in --output-dir and --overwrite deletes it: pass one of them")
+    checkpoints = checkpoints_in(out_dir)
+    if args.resume:
+        if not checkpoints:
+            raise InputError(f"--resume: no checkpoint-* folder in {out_dir} to continue from "
+                             "(drop --resume to start a new run)")
+        return False
+    if not (out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())))):
+        return False
+    if args.overwrite:
+        return True
+    if checkpoints:
+        names = ", ".join(p.name for p in checkpoints)
+        raise InputError(
+            f"--output-dir {out_dir} holds checkpoints of an earlier run ({names}): pass --resume to continue "
+            f"it, or --overwrite to delete them and start over (or choose another --output-dir)"
+        )
+    if (out_dir / SUMMARY_FILE).is_file():
+        raise InputError(f"--output-dir {out_dir} holds a model of an earlier run ({SUMMARY_FILE}): pass "
+                         f"--overwrite to replace it, or choose another --output-dir")
+    what = "a folder with files in it" if out_dir.is_dir() else "a file"
+    raise InputError(f"--output-dir {out_dir} already exists ({what}, not a run of this recipe): pass "
+                     f"--overwrite to replace it, or choose another --output-dir")
+
+
+def clear_output_dir(out_dir: Path) -> None:
+    """--overwrite: delete what --output-dir holds (check_output_dir has ruled out the inputs)."""
+    if int(os.environ.get("RANK", "0")) != 0:  # one process deletes; the others write nothing before its first save
+        return
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        out_dir.unlink()  # a link is removed, never the folder it points to
+    else:
+        shutil.rmtree(out_dir)
+    print(f"note: --overwrite: deleted the earlier contents of {out_dir}", file=sys.stderr)
+
+
+def resume_checkpoint(out_dir: Path) -> Path:
+    """The newest complete checkpoint in `out_dir`, warning about each newer one that is incomplete.
+
+    A kill during a save leaves a checkpoint without trainer_state.json (or with a truncated file):
+    Trainer's own `resume_from_checkpoint=True` would take it and fail; the one before is intact.
+    """
+    skipped = []
+    for folder in reversed(checkpoints_in(out_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for name, why in skipped:
+                print(f"warning: --resume: skipping the incomplete {name} ({why}); resuming from {folder.name}",
+                      file=sys.stderr)
+            return folder
+        skipped.append((folder.name, problem))
+    detail = "; ".join(f"{name}: {why}" for name, why in skipped)
+    raise InputError(f"--resume: no complete checkpoint in {out_dir} ({detail}); pass --overwrite to start over")
 
 
 # ----------------------------------------------------------------------------- model
@@ -174,6 +311,7 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
         return EhrPrsForCausalLM(config)
 
     # --init-from: the checkpoint fixes the decoder's shape; only the adapter may change.
+    check_model_folder(args.init_from, "--init-from")  # names a missing config or a truncated weights file
     base = EhrPrsConfig.from_pretrained(args.init_from)
     if base.vocab_size != len(tokenizer):
         raise InputError(
@@ -193,7 +331,8 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
         if key in overrides:
             config_dict[key] = overrides[key]
     config = EhrPrsConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")})
-    model, info = EhrPrsForCausalLM.from_pretrained(args.init_from, config=config, output_loading_info=True)
+    model, info = load_checked(EhrPrsForCausalLM.from_pretrained, args.init_from, "--init-from", config=config,
+                               output_loading_info=True)
     unexpected = [k for k in info["unexpected_keys"]]
     mismatched = info.get("mismatched_keys", [])
     if mismatched:
@@ -233,11 +372,80 @@ class TokensPerSecond(TrainerCallback):
             logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9), 1)
 
 
+class TrainingDiverged(InputError):
+    """The loss or the weights went NaN/inf: training stopped, and nothing non-finite was saved."""
+
+
+class FiniteGuard(TrainerCallback):
+    """Stops training with TrainingDiverged as soon as the loss or a weight is NaN/inf.
+
+    A diverged run otherwise ends with exit 0 and a model whose every prediction is NaN. The
+    weights are checked (one isfinite pass, one device sync) at every step that logs, evaluates or
+    saves, before Trainer acts on it, so a checkpoint on disk always holds finite weights and the
+    last good one survives; the logged training loss (unfiltered: see logging_nan_inf_filter) and
+    the tuning loss are checked too. Raising inside Trainer leaves the final model unwritten.
+    """
+
+    def __init__(self, args: PretrainArguments, out_dir: Path):
+        self.args, self.out_dir = args, out_dir
+
+    def _fail(self, step: int, what: str) -> None:
+        kept = [p for p in checkpoints_in(self.out_dir) if checkpoint_problem(p) is None]
+        last = (f"the last good checkpoint, {kept[-1]}, is kept" if kept
+                else "no checkpoint had been saved before it")
+        raise TrainingDiverged(
+            f"training diverged at step {step}: {what}. Stopped without saving that state; {last}, and no final "
+            f"model was written to {self.out_dir}. Lower --learning-rate ({self.args.learning_rate:g} now) or "
+            f"raise --warmup-steps ({self.args.warmup_steps} now), then rerun with --overwrite"
+        )
+
+    def _check_weights(self, state, model) -> None:
+        params = [p for _, p in model.named_parameters()]
+        if not all_finite(params):
+            bad = nonfinite_tensors(model.named_parameters())
+            self._fail(state.global_step, f"the weights went non-finite: {describe_nonfinite(bad, len(params))}")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check_weights(state, model)  # a resumed checkpoint from before this guard existed
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+            self._check_weights(state, model)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self._fail(state.global_step, f"the training loss is {loss}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and not math.isfinite(loss):
+            self._fail(state.global_step, f"the tuning loss is {loss}")
+
+
+def close_progress_bars(trainer: Trainer) -> None:
+    """Close Trainer's tqdm bars, which an exception raised inside training leaves open mid-line."""
+    for callback in trainer.callback_handler.callbacks:
+        for name in ("training_bar", "prediction_bar"):
+            bar = getattr(callback, name, None)
+            if bar is not None:
+                bar.close()
+                setattr(callback, name, None)
+
+
 # ----------------------------------------------------------------------------- main
 
 
+def program_name() -> str:
+    """'ehr-prs pretrain' under the console script (or `python -m modeling_ehr_prs.cli`), else 'train.py'.
+
+    Usage lines and one-line errors then name the command the user typed.
+    """
+    return "ehr-prs pretrain" if Path(sys.argv[0]).name in ("ehr-prs", "cli.py") else "train.py"
+
+
 def parse_args(argv: list[str] | None) -> PretrainArguments:
-    parser = HfArgumentParser(PretrainArguments, prog="train.py", description=__doc__.split("\n")[0])
+    parser = HfArgumentParser(PretrainArguments, prog=program_name(), description=__doc__.split("\n")[0])
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         (args,) = parser.parse_yaml_file(argv[0])
@@ -249,17 +457,19 @@ def parse_args(argv: list[str] | None) -> PretrainArguments:
 def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Run the recipe; return the folder holding the final model."""
     data_dir, out_dir = Path(args.data), Path(args.output_dir)
-    if args.prs_fusion not in PRS_FUSIONS:
-        raise InputError(f"--prs-fusion {args.prs_fusion!r}: choose one of {', '.join(PRS_FUSIONS)}")
-    tokenizer, train_ds, tuning_ds = load_tokenized(data_dir)
+    if args.prs_fusion != "auto" and args.prs_fusion not in PRS_FUSIONS:
+        raise InputError(f"--prs-fusion {args.prs_fusion!r}: choose auto or one of {', '.join(PRS_FUSIONS)}")
+    tokenizer, train_ds, tuning_ds = load_tokenized(data_dir)  # memory-mapped: cheap, and says if --data is wrong
+    clear = check_output_dir(args, out_dir)  # before any training: a wrong --output-dir fails at once
+    resume_from = resume_checkpoint(out_dir) if args.resume else None
     n_prs = n_prs_of(train_ds)
-    if args.prs_fusion != "none" and n_prs == 0:
-        raise InputError(
-            f"--prs-fusion {args.prs_fusion} but {data_dir} was tokenized without --prs: "
-            "re-tokenize with a PRS table or use --prs-fusion none"
-        )
-    if args.resume and not any(out_dir.glob("checkpoint-*")):
-        raise InputError(f"--resume: no checkpoint-* folder in {out_dir} to continue from")
+    args = replace(args, prs_fusion=resolve_prs_fusion(args, n_prs, data_dir))  # the caller's args stay as given
+    closed_form = args.prs_fusion == "logit_bias" and args.freeze_backbone
+    if not closed_form and args.warmup_steps >= args.max_steps > 0:
+        print(f"warning: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the learning rate "
+              f"never reaches --learning-rate {args.learning_rate:g} (it peaks near "
+              f"{args.learning_rate * args.max_steps / max(args.warmup_steps, 1):.3g}); lower --warmup-steps "
+              f"(e.g. {max(args.max_steps // 10, 0)})", file=sys.stderr)
 
     preset_ctx = PRESETS.get(args.preset, {}).get("max_position_embeddings", 512)
     max_seq_length = args.max_seq_length or preset_ctx
@@ -270,6 +480,8 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         max_seq_length = min(max_seq_length, model.config.max_position_embeddings - model.config.prs_tokens)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if clear:  # the inputs and --init-from have loaded: only now may --overwrite delete the earlier run
+        clear_output_dir(out_dir)
 
     full_tuning = tuning_ds  # the logit-bias fit selects its penalty on all of it
     if tuning_ds is not None and args.max_eval_samples and len(tuning_ds) > args.max_eval_samples:
@@ -311,6 +523,7 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         train_sampling_strategy="group_by_length",
         length_column_name="length",
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (FiniteGuard stops on it), not hidden
         report_to=args.report_to,
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=args.prs_fusion != "none" or None,
@@ -323,11 +536,11 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         train_dataset=train_ds,
         eval_dataset=tuning_ds,
         processing_class=tokenizer,
-        callbacks=[TokensPerSecond(), *(callbacks or [])],
+        callbacks=[TokensPerSecond(), FiniteGuard(args, out_dir), *(callbacks or [])],
     )
     t0 = time.perf_counter()
     fit_report = None
-    if args.prs_fusion == "logit_bias" and args.freeze_backbone:
+    if closed_form:
         # On a frozen decoder the logit-bias adapter is a regression with a direct solution.
         from modeling_ehr_prs.prs_bias import fit_logit_bias
 
@@ -337,9 +550,18 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
                                     max_length=max_seq_length, prs_columns=columns, seed=args.seed)
         result = None
     else:
-        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except TrainingDiverged:
+            close_progress_bars(trainer)  # the error then starts its own line, not the bar's
+            raise
     elapsed = time.perf_counter() - t0
+    # The guard saw the weights at the last logged step; the final model is checked whole before it is written.
+    check_finite(model, f"the trained model (not written to {out_dir})")
     eval_metrics = trainer.evaluate() if tuning_ds is not None else {}
+    if "eval_loss" in eval_metrics and not math.isfinite(eval_metrics["eval_loss"]):
+        raise TrainingDiverged(f"the tuning loss of the trained model is {eval_metrics['eval_loss']}: no final "
+                               f"model was written to {out_dir}; lower --learning-rate and rerun with --overwrite")
 
     trainer.save_model(str(out_dir))  # every process calls it (distributed saving); rank 0 writes
     if trainer.is_world_process_zero():
@@ -398,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args)
     except InputError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
+        print(f"{program_name()}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -44,8 +44,11 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_file
-from modeling_ehr_prs.readers import MedsDataset, PrsTable, read_labels, read_meds_dataset, read_prs_table
+from modeling_ehr_prs.errors import InputError, atomic_output_file, check_output
+from modeling_ehr_prs.readers import (
+    STRICT_LABELS_HELP, LabelSelection, MedsDataset, PrsTable, read_labels, read_meds_dataset, read_prs_table,
+    select_label_rows, subject_sex, warn,
+)
 from tokenizer.prs_standardizer import PrsStandardizer
 
 KINDS = ("prs-lr", "counts-gbm", "counts-gbm-prs")
@@ -66,18 +69,9 @@ PREDICTION_SCHEMA = pa.schema([
 # Labels
 # ----------------------------------------------------------------------------------------
 
-def attach_splits(labels: pl.DataFrame, ds: MedsDataset, labels_path: str | Path) -> pl.DataFrame:
-    """Add each label row's split; InputError if a labelled subject is not in the MEDS dataset."""
-    out = labels.join(ds.subject_splits, on="subject_id", how="left")
-    missing = out.filter(pl.col("split").is_null())
-    if missing.height:
-        n_subj = missing["subject_id"].n_unique()
-        raise InputError(
-            f"{labels_path}: {missing.height} label row(s) for {n_subj} subject(s) absent from the MEDS dataset "
-            f"{ds.root} (first: subject {missing['subject_id'][0]}); every labelled subject must be in "
-            f"metadata/subject_splits.parquet."
-        )
-    return out
+def attach_splits(labels: pl.DataFrame, ds: MedsDataset, labels_path: str | Path, strict: bool = False) -> pl.DataFrame:
+    """Each scorable label row with its split: the shared label policy (`readers.select_label_rows`)."""
+    return select_label_rows(ds, labels, None, labels_path, strict).rows
 
 
 def check_two_classes(y: np.ndarray, where: str) -> None:
@@ -200,7 +194,8 @@ def count_matrix(spec: CountFeatureSpec, history: History, rows: pl.DataFrame) -
     """Dense float32 matrix (len(rows), len(spec.names)) of count features, in the order of `rows`.
 
     Missing numeric values are NaN (the GBM routes them); absent codes count 0; sex is 1 for
-    Gender/F, 0 for Gender/M, NaN otherwise; age is NaN without a MEDS_BIRTH.
+    female, 0 for male in any spelling `readers.sex_from_code` knows (Gender/F, MIMIC's GENDER//F,
+    Gender/FEMALE, ...), NaN otherwise; age is NaN without a MEDS_BIRTH.
     """
     index = rows.select(KEY).with_row_index("row")
     n_codes, n_val, n_static = len(spec.codes), len(spec.value_codes), len(spec.static_codes)
@@ -213,17 +208,21 @@ def count_matrix(spec: CountFeatureSpec, history: History, rows: pl.DataFrame) -
 
     windows = [*(f"n_{w}" for w in WINDOWS_DAYS), "n_all"]
     timed = history.timed.join(index, on=KEY, how="inner")
-    code_idx = pl.DataFrame({"code": spec.codes, "ci": np.arange(n_codes, dtype=np.int64)})
+    # Explicit schemas: an empty list (no numeric codes in the data, as in Synthea's OMOP sample) is typed null.
+    code_idx = pl.DataFrame({"code": spec.codes, "ci": np.arange(n_codes, dtype=np.int64)},
+                            schema={"code": pl.String, "ci": pl.Int64})
     t = timed.join(code_idx, on="code", how="inner")
     r, ci = t["row"].to_numpy(), t["ci"].to_numpy()
     for j, w in enumerate(windows):
         X[r, ci * n_win + j] = t[w].to_numpy()
 
-    val_idx = pl.DataFrame({"code": spec.value_codes, "vi": np.arange(n_val, dtype=np.int64)})
+    val_idx = pl.DataFrame({"code": spec.value_codes, "vi": np.arange(n_val, dtype=np.int64)},
+                           schema={"code": pl.String, "vi": pl.Int64})
     v = timed.filter(pl.col("last_value").is_not_null()).join(val_idx, on="code", how="inner")
     X[v["row"].to_numpy(), off_val + v["vi"].to_numpy()] = v["last_value"].to_numpy()
 
-    st_idx = pl.DataFrame({"code": spec.static_codes, "si": np.arange(n_static, dtype=np.int64)})
+    st_idx = pl.DataFrame({"code": spec.static_codes, "si": np.arange(n_static, dtype=np.int64)},
+                          schema={"code": pl.String, "si": pl.Int64})
     s = history.static.join(index, on=KEY, how="inner").join(st_idx, on="code", how="inner")
     X[s["row"].to_numpy(), off_static + s["si"].to_numpy()] = 1.0
 
@@ -238,8 +237,10 @@ def count_matrix(spec: CountFeatureSpec, history: History, rows: pl.DataFrame) -
     X[:, off_total + n_win] = age
 
     sex = np.full(rows.height, np.nan, dtype=np.float32)
-    g = history.static.join(index, on=KEY, how="inner").filter(pl.col("code").is_in(["Gender/F", "Gender/M"]))
-    sex[g["row"].to_numpy()] = (g["code"] == "Gender/F").cast(pl.Float32).to_numpy()
+    # Static sex codes (MEDS), or dated ones (some ETLs date them at the birth) up to the prediction time.
+    coded = pl.concat([history.static.select(*KEY, "code"), history.timed.select(*KEY, "code")])
+    g = subject_sex(coded.join(index, on=KEY, how="inner"), by=["row"])
+    sex[g["row"].to_numpy()] = (g["sex"] == "F").cast(pl.Float32).to_numpy()
     X[:, off_total + n_win + 1] = sex
     return X
 
@@ -256,12 +257,16 @@ def fit_prs_standardizer(prs: PrsTable, train_ids: pl.Series, group_column: str 
     """
     if group_column == "auto":
         group_column = "ancestry" if "ancestry" in prs.frame.columns else None
-    return PrsStandardizer.fit(prs.frame, prs.score_columns, train_ids, group_column=group_column)
+    return PrsStandardizer.fit(prs.frame, prs.score_columns, train_ids, group_column=group_column, source=str(prs.path))
 
 
-def prs_features(prs: PrsTable, st: PrsStandardizer, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised scores (len(rows), n_prs) float32, 0 where missing, and the genotyped flag (len(rows),)."""
-    z, genotyped = st.transform(prs.frame, rows["subject_id"])
+def prs_features(prs: PrsTable, st: PrsStandardizer, rows: pl.DataFrame,
+                 stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised scores (len(rows), n_prs) float32, 0 where missing, and the genotyped flag (len(rows),).
+
+    `stats` (a dict) receives the missing-score counts of `PrsStandardizer.transform`.
+    """
+    z, genotyped = st.transform(prs.frame, rows["subject_id"], stats)
     return z.astype(np.float32), genotyped
 
 
@@ -323,8 +328,19 @@ def fit_prs_lr(X_tr: np.ndarray, y_tr: np.ndarray, X_tu: np.ndarray | None, y_tu
 
 
 def fit_gbm(X_tr: np.ndarray, y_tr: np.ndarray, X_tu: np.ndarray | None, y_tu: np.ndarray | None, seed: int = 0):
-    """HistGradientBoostingClassifier, early-stopped on the tuning split (on 10% of train without one)."""
+    """HistGradientBoostingClassifier, early-stopped on the tuning split (on 10% of train without one).
+
+    A feature with no value at all in train (NaN everywhere: e.g. sex when the data spell it in a
+    way no reader knows) carries no information but makes scikit-learn's binning fail; it is
+    fitted as a constant 0, which no tree can split on, so predictions ignore it.
+    """
     from sklearn.ensemble import HistGradientBoostingClassifier
+
+    empty = np.isnan(X_tr).all(axis=0) if X_tr.shape[0] else np.zeros(X_tr.shape[1], dtype=bool)
+    if empty.any():
+        X_tr = np.where(empty, np.float32(0), X_tr).astype(X_tr.dtype, copy=False)
+        if X_tu is not None:
+            X_tu = np.where(empty, np.float32(0), X_tu).astype(X_tu.dtype, copy=False)
 
     model = HistGradientBoostingClassifier(
         learning_rate=0.05, max_iter=1000, max_leaf_nodes=15, min_samples_leaf=50, max_features=0.5,
@@ -348,6 +364,7 @@ class BaselineResult:
     predictions: pl.DataFrame
     n_features: int
     detail: str
+    labels: LabelSelection | None = None
 
 
 def _split_rows(labels: pl.DataFrame, split: str) -> pl.DataFrame:
@@ -357,7 +374,7 @@ def _split_rows(labels: pl.DataFrame, split: str) -> pl.DataFrame:
 def run_baseline(kind: str, meds_dir: str | Path, labels_path: str | Path, prs_path: str | Path | None = None,
                  split: str = meds.held_out_split, min_subjects: int = 20, max_codes: int = 1000,
                  prs_top_n: int = 64, seed: int = 0, threads: int | None = None,
-                 prs_group_column: str | None = "auto") -> BaselineResult:
+                 prs_group_column: str | None = "auto", strict_labels: bool = False) -> BaselineResult:
     """Fit baseline `kind` on train labels (tuned on tuning) and predict the labels of `split`.
 
     `threads` caps OpenMP/BLAS threads while fitting (None: the libraries' default, all cores);
@@ -368,10 +385,12 @@ def run_baseline(kind: str, meds_dir: str | Path, labels_path: str | Path, prs_p
     if kind in ("prs-lr", "counts-gbm-prs") and prs_path is None:
         raise InputError(f"--kind {kind} needs --prs FILE (a PRS table); use --kind counts-gbm without one.")
     ds = read_meds_dataset(meds_dir)
-    labels = attach_splits(read_labels(labels_path), ds, labels_path)
+    fit_splits = [meds.train_split, meds.tuning_split]
+    # The shared label policy: unscorable rows dropped with one warning (or refused with strict_labels).
+    selection = select_label_rows(ds, read_labels(labels_path), [*fit_splits, split], labels_path, strict_labels)
+    labels = selection.rows
     prs = read_prs_table(prs_path) if prs_path is not None else None
 
-    fit_splits = [meds.train_split, meds.tuning_split]
     rows = {s: _split_rows(labels, s) for s in dict.fromkeys([*fit_splits, split])}
     if rows[split].height == 0:
         raise InputError(f"{labels_path}: no label rows for subjects in split {split!r} (--split); nothing to predict.")
@@ -390,7 +409,11 @@ def run_baseline(kind: str, meds_dir: str | Path, labels_path: str | Path, prs_p
                        f"{len(spec.value_codes)} numeric codes, {len(spec.static_codes)} static codes")
     if prs is not None and kind in ("prs-lr", "counts-gbm-prs"):
         st = fit_prs_standardizer(prs, rows[meds.train_split]["subject_id"].unique(), prs_group_column)
-        zg = {s: prs_features(prs, st, r) for s, r in rows.items()}
+        prs_stats = {s: {} for s in rows}
+        zg = {s: prs_features(prs, st, r, prs_stats[s]) for s, r in rows.items()}
+        note = st.missing_note(prs_stats[split], f"{prs.path} (split {split})")
+        if note:  # train's missing cells were reported when the standardiser was fitted
+            warn(note)
         group = f" within {st.group_column}" if st.group_column else " pooled"
         if kind == "prs-lr":
             for s, (z, geno) in zg.items():  # missing -> 0 (train mean) plus the indicator
@@ -420,13 +443,27 @@ def run_baseline(kind: str, meds_dir: str | Path, labels_path: str | Path, prs_p
     preds = rows[split].select(KEY + ["boolean_value"]).with_columns(
         pl.Series("predicted_boolean_probability", p, dtype=pl.Float64)
     )
-    return BaselineResult(preds, X[split].shape[1], "; ".join(details))
+    return BaselineResult(preds, X[split].shape[1], "; ".join(details), selection)
 
 
-def write_predictions(preds: pl.DataFrame, path: str | Path) -> None:
-    """Write a MEDS prediction file (PREDICTION_SCHEMA) atomically."""
+def write_predictions(preds: pl.DataFrame, path: str | Path, overwrite: bool = False,
+                      source: str | None = None) -> None:
+    """Write a MEDS prediction file (PREDICTION_SCHEMA) atomically; an existing file only with `overwrite`.
+
+    A NaN, infinite or missing probability is refused (InputError naming how many rows and `source`,
+    the model that produced them): it is a broken model, and a file of them would only fail later,
+    in `evaluate`, far from the cause.
+    """
+    prob = preds["predicted_boolean_probability"].cast(pl.Float64)
+    bad = int((prob.is_null() | ~prob.fill_null(0.0).is_finite()).sum())
+    if bad:
+        raise InputError(
+            f"{source or 'the model'} gave {bad:,} of {preds.height:,} rows a NaN, infinite or missing probability: "
+            f"not writing {path}. The model is broken (e.g. diverged in training: retrain it with a lower "
+            f"--learning-rate) or its inputs hold NaN"
+        )
     table = preds.select(PREDICTION_SCHEMA.names).to_arrow().cast(PREDICTION_SCHEMA)
-    with atomic_output_file(path) as tmp:
+    with atomic_output_file(path, overwrite) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -436,6 +473,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prs", default=None, help="PRS table (parquet/CSV); required for prs-lr and counts-gbm-prs")
     parser.add_argument("--labels", required=True, help="MEDS label parquet (all splits; fitted on train rows)")
     parser.add_argument("--out", required=True, help="output prediction parquet (MEDS prediction schema)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (never an input, nor a file inside --meds)")
     parser.add_argument("--split", default=meds.held_out_split, choices=[meds.train_split, meds.tuning_split,
                         meds.held_out_split], help="split to predict (default held_out)")
     parser.add_argument("--min-subjects", type=int, default=20,
@@ -448,16 +487,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for fitting (default: all); use 1 when other jobs share the cores")
+    parser.add_argument("--strict-labels", action="store_true", help=STRICT_LABELS_HELP)
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output(args.out, {"--meds": args.meds, "--prs": args.prs, "--labels": args.labels}, args.overwrite,
+                 kind="file")
     if args.min_subjects < 1:
         raise InputError(f"--min-subjects must be >= 1 (got {args.min_subjects}).")
     res = run_baseline(args.kind, args.meds, args.labels, args.prs, split=args.split, min_subjects=args.min_subjects,
                        max_codes=args.max_codes, prs_top_n=args.prs_top_n, seed=args.seed,
                        threads=args.threads,
-                       prs_group_column=None if str(args.prs_group_column).lower() == "none" else args.prs_group_column)
-    write_predictions(res.predictions, args.out)
+                       prs_group_column=None if str(args.prs_group_column).lower() == "none" else args.prs_group_column,
+                       strict_labels=args.strict_labels)
+    write_predictions(res.predictions, args.out, args.overwrite, source=f"baseline --kind {args.kind}")
     n, pos = res.predictions.height, int(res.predictions["boolean_value"].sum())
     print(f"baseline {args.kind}: {res.n_features} features ({res.detail})")
+    print(res.labels.summary())
     print(f"wrote {args.out}: {n} predictions for split {args.split} ({pos} positive)")

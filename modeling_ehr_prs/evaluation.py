@@ -6,12 +6,18 @@
 
 Every model is scored on the same rows: files are joined on (subject_id, prediction_time) and
 must agree on the label and cover the same rows. AUROC and AUPRC get percentile 95% CIs from
-1,000 bootstrap resamples drawn once (as per-row multiplicities) and shared by all models, so
+1,000 bootstrap resamples drawn once (as per-row or per-subject multiplicities) and shared by all models, so
 differences against `--reference` are paired; the bootstrap metrics are computed for all
 resamples at once from one sort of each model's scores (tie-aware, equal to scikit-learn's
-on each resample). Brier score and expected calibration error (10 equal-count bins) come with
-a reliability diagram. Subgroups (age band, sex, race from the MEDS static codes; ancestry and
-genotyped from the PRS table) get the same point metrics; a cell with fewer than `--min-cell`
+on each resample). When some subject has several rows, the bootstrap resamples subjects (all
+rows of a drawn subject together), since a subject's rows are not independent; otherwise rows.
+A resample on which a metric is undefined (it drew no positive or no negative) counts against
+every claim: it extends the interval to the metric's range and counts toward both tails of the
+p-value. With fewer than 10 subjects with a positive label (or with a negative one) the report
+warns that the intervals mean little (`MIN_SUBJECTS_PER_CLASS`). Brier score and expected
+calibration error (10 equal-count bins) come with a reliability diagram. Subgroups (age band,
+sex, race from the MEDS static codes; ancestry and genotyped from the PRS table) get the same
+point metrics; a cell with fewer than `--min-cell`
 (20) subjects is suppressed and printed as "<20", as is any count below 20 (All of Us rule).
 PRS alignment shows the mean predicted risk per decile of one PRS column.
 
@@ -33,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import meds  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
+from scipy import sparse  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     average_precision_score,
     brier_score_loss,
@@ -42,8 +49,10 @@ from sklearn.metrics import (  # noqa: E402
 )
 from tqdm.auto import tqdm  # noqa: E402
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir  # noqa: E402
-from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table  # noqa: E402
+from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output  # noqa: E402
+from modeling_ehr_prs.readers import (  # noqa: E402
+    read_labels, read_meds_dataset, read_prs_table, sex_from_code, subject_sex, warn,
+)
 
 KEY = ["subject_id", "prediction_time"]
 PROB = "predicted_boolean_probability"
@@ -53,6 +62,15 @@ TRUTH_NAME = "true risk"
 # The simulator's truth knows everyone's genetic liability, also of people without a PRS, which no
 # model of the recorded data can know: this oracle uses it only where a PRS was measured.
 TRUTH_RECORDED_NAME = "true risk, genetics if genotyped"
+# Fewer independent units (subjects) than this with a positive label, or with a negative one, and
+# the bootstrap's intervals and p-values are flagged as meaningless. The AUROC's sampling spread is
+# set by the smaller class; a bootstrap over m positive subjects underestimates the variance by the
+# factor (m - 1) / m (zero spread from that class at m = 1, half at m = 2) and can produce only a
+# few distinct resampled sets, so below ~10 events its percentile intervals are far too narrow:
+# the same floor as the 10-events rule of thumb of clinical prediction modelling (Peduzzi et al.
+# 1996). Precise validation needs far more (~100 events, Collins et al. 2016); 10 is where the
+# intervals stop meaning anything, not where they become good.
+MIN_SUBJECTS_PER_CLASS = 10
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,11 +90,13 @@ def parse_prediction_specs(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def load_predictions(files: dict[str, str | Path]) -> pl.DataFrame:
+def load_predictions(files: dict[str, str | Path], strict: bool = False) -> pl.DataFrame:
     """Join prediction files on (subject_id, prediction_time): KEY, boolean_value, one probability column per model.
 
-    InputError if a file lacks predicted_boolean_probability, has probabilities outside [0, 1],
-    lacks rows another file has, or disagrees on a label.
+    InputError if a file lacks predicted_boolean_probability, has probabilities outside [0, 1], or
+    disagrees on a label. Rows that some file lacks follow the label policy of every command
+    (readers.select_label_rows): models are compared on the rows all files have, with one warning
+    giving the counts; `strict` (--strict-labels) refuses instead, and so does an empty overlap.
     """
     frames: dict[str, pl.DataFrame] = {}
     for name, path in files.items():
@@ -91,14 +111,24 @@ def load_predictions(files: dict[str, str | Path]) -> pl.DataFrame:
         frames[name] = df
     names = list(frames)
     keys = pl.concat([f.select(KEY) for f in frames.values()]).unique()
+    lacking = []
     for name, f in frames.items():
         missing = keys.join(f.select(KEY), on=KEY, how="anti")
         if missing.height:
-            raise InputError(
-                f"{files[name]} (model {name!r}) lacks {missing.height} of the {keys.height} (subject_id, prediction_time) "
-                f"rows the other prediction files have (first: subject {missing['subject_id'][0]}); every model must "
-                f"score the same label rows."
-            )
+            lacking.append(f"{files[name]} (model {name!r}) lacks {missing.height} "
+                           f"(first: subject {missing.sort(KEY)['subject_id'][0]})")
+    if lacking:
+        common = keys
+        for f in frames.values():
+            common = common.join(f.select(KEY), on=KEY, how="semi")
+        detail = (f"of the {keys.height} (subject_id, prediction_time) rows in the prediction files, "
+                  f"{'; '.join(lacking)}")
+        if strict or common.height == 0:
+            raise InputError(f"{detail}; {common.height} rows are in every file. Every model must score the same "
+                             f"label rows: score them from one label file with the same --split (drop --strict-labels "
+                             f"to compare on the rows every file has).")
+        warn(f"--predictions: {detail}; comparing the models on the {common.height} rows every file has "
+             f"(dropped {keys.height - common.height}); --strict-labels makes this an error.")
     out = frames[names[0]].rename({PROB: names[0]})
     for name in names[1:]:
         f = frames[name].rename({PROB: name, "boolean_value": "_label"})
@@ -141,13 +171,29 @@ def weighted_auroc_auprc(score: np.ndarray, y: np.ndarray, weights: np.ndarray) 
     on the resampled rows (ties count one half for AUROC; AP steps at each distinct score).
     NaN where a resample has no positive or no negative.
     """
-    order = np.argsort(score, kind="stable")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first index of each distinct score
-    yo = y[order].astype(np.float64)
-    w = weights[:, order].astype(np.float64)  # (B, n)
-    pos = np.add.reduceat(w * yo, starts, axis=1)  # (B, G) positive weight per distinct score, ascending
-    neg = np.add.reduceat(w * (1.0 - yo), starts, axis=1)
+    pos, neg = score_class_counts(score, y, np.arange(y.size), y.size)
+    w = np.asarray(weights, dtype=np.float64)
+    return auroc_auprc_from_counts(w @ pos, w @ neg)
+
+
+def score_class_counts(score: np.ndarray, y: np.ndarray, units: np.ndarray, n_units: int) -> tuple[sparse.csr_array, sparse.csr_array]:
+    """Positive and negative rows per (unit, distinct score), as sparse (n_units, G) matrices, scores ascending.
+
+    A resample's class weight at each distinct score is then its unit multiplicities (B, n_units)
+    times these: one sparse product per model and chunk, never a (resamples x rows) array, which
+    keeps the subject bootstrap as fast as the row one (units: each row's unit, 0..n_units-1).
+    """
+    _, g = np.unique(score, return_inverse=True)
+    shape = (n_units, int(g.max()) + 1)
+    is_pos = y.astype(bool)
+    pos = sparse.csr_array((np.ones(is_pos.sum()), (units[is_pos], g[is_pos])), shape=shape)
+    neg = sparse.csr_array((np.ones((~is_pos).sum()), (units[~is_pos], g[~is_pos])), shape=shape)
+    return pos, neg
+
+
+def auroc_auprc_from_counts(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and average precision per row of (B, G) positive / negative weights at G ascending distinct scores."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
     n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
     neg_below = np.cumsum(neg, axis=1) - neg
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -162,42 +208,75 @@ def weighted_auroc_auprc(score: np.ndarray, y: np.ndarray, weights: np.ndarray) 
     return auroc, ap
 
 
+def subject_clusters(subject_ids: np.ndarray) -> np.ndarray | None:
+    """Each row's subject as a cluster index 0..S-1 when some subject has several rows; None when
+    every row is its own subject (then rows are the bootstrap's units)."""
+    _, index, counts = np.unique(np.asarray(subject_ids), return_inverse=True, return_counts=True)
+    return index.astype(np.int64) if (counts > 1).any() else None
+
+
 def bootstrap_metrics(y: np.ndarray, scores: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0,
-                      chunk: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+                      chunk: int | None = None, clusters: np.ndarray | None = None) -> dict[str, dict[str, np.ndarray]]:
     """AUROC and AUPRC of every model on the same `n_boot` resamples: {model: {"auroc": (B,), "auprc": (B,)}}.
 
-    Resamples are drawn once per chunk (multinomial row multiplicities, seeded) and applied to every
-    model, so differences between models are paired. Chunks bound memory at ~20M weights.
+    Resamples are drawn once per chunk (multinomial multiplicities, seeded) and applied to every
+    model, so differences between models are paired. clusters (n,) (`subject_clusters`): resample
+    the clusters, each drawn cluster bringing all its rows, because rows of one subject are not
+    independent and a row bootstrap would count them as separate evidence; None: resample rows.
+    Chunks bound memory at ~20M weights.
     """
     n = y.size
+    unit_of_row = np.arange(n) if clusters is None else np.asarray(clusters)
+    units = int(unit_of_row.max()) + 1
+    counts = {m: score_class_counts(s, y, unit_of_row, units) for m, s in scores.items()}
     chunk = chunk or max(1, min(n_boot, 20_000_000 // max(n, 1)))
     rng = np.random.default_rng(seed)
     out = {m: {"auroc": [], "auprc": []} for m in scores}
     for start in tqdm(range(0, n_boot, chunk), desc="evaluate: bootstrap", unit="chunk", leave=False):
         b = min(chunk, n_boot - start)
-        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=b)  # (b, n) resample counts
-        for m, s in scores.items():
-            auroc, ap = weighted_auroc_auprc(s, y, weights)
+        # (b, units) resample counts: a unit drawn k times brings each of its rows k times
+        weights = rng.multinomial(units, np.full(units, 1.0 / units), size=b).astype(np.float64)
+        for m, (pos, neg) in counts.items():
+            auroc, ap = auroc_auprc_from_counts(weights @ pos, weights @ neg)
             out[m]["auroc"].append(auroc)
             out[m]["auprc"].append(ap)
     return {m: {k: np.concatenate(v) for k, v in d.items()} for m, d in out.items()}
 
 
-def percentile_ci(values: np.ndarray, level: float = 0.95) -> list[float]:
-    """Percentile interval of the finite bootstrap values."""
-    v = values[np.isfinite(values)]
-    if v.size == 0:
+def percentile_ci(values: np.ndarray, level: float = 0.95, bounds: tuple[float, float] | None = None) -> list[float]:
+    """Percentile interval of the bootstrap values.
+
+    bounds None: of the finite values only. bounds (lo, hi), the metric's range: a resample where
+    the metric is undefined (NaN: no positive or no negative drawn) could have given any value, so
+    it counts as lo for the lower end and hi for the upper end; once more than (1 - level) / 2 of
+    the resamples are undefined the interval reaches the range's ends, which is what they tell.
+    """
+    finite = np.isfinite(values)
+    if not finite.any():
         return [math.nan, math.nan]
     a = (1 - level) / 2
-    return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
+    if bounds is None or finite.all():
+        v = values[finite]
+        return [float(np.quantile(v, a)), float(np.quantile(v, 1 - a))]
+    return [float(np.quantile(np.where(finite, values, bounds[0]), a)),
+            float(np.quantile(np.where(finite, values, bounds[1]), 1 - a))]
 
 
 def paired_p_value(diffs: np.ndarray) -> float:
-    """Two-sided bootstrap p-value for a difference of 0: 2 * min(P(d <= 0), P(d >= 0)), at most 1."""
-    d = diffs[np.isfinite(diffs)]
-    if d.size == 0:
+    """Two-sided bootstrap p-value for a difference of 0: 2 * min(P(d <= 0), P(d >= 0)), at most 1.
+
+    A resample where the difference is undefined (NaN: it drew no positive or no negative) shows
+    no sign either way, so it counts toward both tails: p >= 2 * (fraction undefined). With one
+    positive subject among S, about (1 - 1/S)^S ~ 37% of resamples miss it and p >= 0.7, as it
+    should be: one subject cannot show that one model ranks positives better. NaN if none is defined.
+    """
+    finite = np.isfinite(diffs)
+    if not finite.any():
         return math.nan
-    return float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+    undefined = ~finite
+    low = np.mean((diffs <= 0) | undefined)
+    high = np.mean((diffs >= 0) | undefined)
+    return float(min(1.0, 2 * min(low, high)))
 
 
 def calibration_bins(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> dict[str, list[float]]:
@@ -244,18 +323,21 @@ def point_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------
 
 def meds_subgroups(meds_dir: str | Path, rows: pl.DataFrame) -> pl.DataFrame:
-    """KEY + age_band, sex, race from MEDS static codes (Gender/*, Race/*) and MEDS_BIRTH."""
+    """KEY + age_band, sex, race from MEDS static codes (sex codes, Race/*) and MEDS_BIRTH.
+
+    Sex is F or M from any spelling `readers.sex_from_code` knows (Gender/F, MIMIC's GENDER//F, ...).
+    """
     ds = read_meds_dataset(meds_dir)
     ids = rows.select("subject_id").unique()
     ev = (ds.scan().join(ids.lazy(), on="subject_id", how="semi")
-          .filter(pl.col("code").str.starts_with("Gender/") | pl.col("code").str.starts_with("Race/")
+          .filter(sex_from_code().is_not_null() | pl.col("code").str.starts_with("Race/")
                   | (pl.col("code") == meds.birth_code))
           .collect())
     per_subject = ev.group_by("subject_id").agg(
-        pl.col("code").filter(pl.col("code").str.starts_with("Gender/")).sort().first().str.strip_prefix("Gender/").alias("sex"),
         pl.col("code").filter(pl.col("code").str.starts_with("Race/")).sort().first().str.strip_prefix("Race/").alias("race"),
         pl.col("time").filter(pl.col("code") == meds.birth_code).min().alias("birth"),
     )
+    per_subject = per_subject.join(subject_sex(ev), on="subject_id", how="left")
     out = rows.select(KEY).join(per_subject, on="subject_id", how="left")
     age = (pl.col("prediction_time") - pl.col("birth")).dt.total_seconds() / (365.25 * 86400)
     band = pl.when(pl.col("birth").is_null()).then(pl.lit("unknown"))
@@ -300,7 +382,8 @@ def paired_deltas_by_level(table: pl.DataFrame, var: str, models: list[str], ref
 
     By genotyped-or-not this tells a PRS effect (a gain in genotyped rows only: the others get the
     adapter's "no genotype" tokens) from any other change an adapter makes. Levels with fewer than
-    `min_cell` rows, or without both classes, are left out.
+    `min_cell` rows, or without both classes, are left out. Like the main table, it resamples
+    subjects when the table has subject_id and some subject has several rows in the level.
     """
     out: dict[str, dict] = {}
     for (level,), g in sorted(table.group_by([var]), key=lambda kv: _level_key(str(kv[0][0]))):
@@ -309,7 +392,8 @@ def paired_deltas_by_level(table: pl.DataFrame, var: str, models: list[str], ref
             continue
         scores = {m: g[m].to_numpy() for m in models}
         points = {m: point_metrics(y, scores[m]) for m in models}
-        cell = paired_deltas(points, bootstrap_metrics(y, scores, n_boot, seed), reference)
+        clusters = subject_clusters(g["subject_id"].to_numpy()) if "subject_id" in g.columns else None
+        cell = paired_deltas(points, bootstrap_metrics(y, scores, n_boot, seed, clusters=clusters), reference)
         del cell[reference]
         out[str(level)] = {"n": small(g.height, min_cell), "n_positive": small(int(y.sum()), min_cell), "models": cell}
     return out
@@ -324,7 +408,7 @@ def paired_deltas(points: dict[str, dict], boot: dict[str, dict], reference: str
         for k in ("auroc", "auprc"):
             d = boot[m][k] - boot[reference][k]  # paired: same resamples
             comp[f"delta_{k}"] = points[m][k] - points[reference][k]
-            comp[f"delta_{k}_ci"] = percentile_ci(d)
+            comp[f"delta_{k}_ci"] = percentile_ci(d, bounds=(-1.0, 1.0))  # a difference of two [0, 1] metrics
             comp[f"p_{k}"] = paired_p_value(d)
         out[m] = comp
     return out
@@ -491,11 +575,12 @@ class EvaluationInputs:
     n_bootstrap: int = 1000
     seed: int = 0
     min_cell: int = 20
+    strict_labels: bool = False  # refuse prediction files that do not score the same rows
 
 
 def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
     """All numbers of the report as a JSON-able dict, plus the aligned table (KEY, label, one column per model)."""
-    table = load_predictions(inputs.predictions)
+    table = load_predictions(inputs.predictions, inputs.strict_labels)
     models = list(inputs.predictions)
     prs_groups = prs_subgroups(inputs.prs, table) if inputs.prs is not None else None  # read the PRS table once
     if inputs.truth is not None:
@@ -512,13 +597,22 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
     if not 0 < y.sum() < y.size:
         raise InputError(f"prediction files: all {y.size} labels are {bool(y[0])}; AUROC needs both classes.")
     scores = {m: table[m].to_numpy() for m in models}
-    boot = bootstrap_metrics(y, scores, inputs.n_bootstrap, inputs.seed)
+    subject_ids = table["subject_id"].to_numpy()
+    clusters = subject_clusters(subject_ids)
+    boot = bootstrap_metrics(y, scores, inputs.n_bootstrap, inputs.seed, clusters=clusters)
+    n_pos_subj, n_neg_subj = (int(np.unique(subject_ids[y == v]).size) for v in (1, 0))
     res: dict = {"n": int(y.size), "n_positive": small(int(y.sum()), inputs.min_cell), "prevalence": float(y.mean()),
                  "n_bootstrap": inputs.n_bootstrap, "seed": inputs.seed, "reference": reference,
-                 "min_cell": inputs.min_cell, "models": {}, "comparisons": {}}
+                 "bootstrap_unit": "row" if clusters is None else "subject",
+                 "n_subjects": small(int(np.unique(subject_ids).size), inputs.min_cell),
+                 "n_positive_subjects": small(n_pos_subj, inputs.min_cell),  # no negative count: n_subjects minus
+                 # it would give the subjects with only positive rows, a count that may be under min_cell
+                 "min_cell": inputs.min_cell, "warnings": [], "models": {}, "comparisons": {}}
+    res["warnings"] += small_sample_warnings(n_pos_subj, n_neg_subj, boot[reference]["auroc"], inputs.min_cell)
     for m in models:
         r = point_metrics(y, scores[m])
-        r["auroc_ci"], r["auprc_ci"] = percentile_ci(boot[m]["auroc"]), percentile_ci(boot[m]["auprc"])
+        r["auroc_ci"] = percentile_ci(boot[m]["auroc"], bounds=(0.0, 1.0))
+        r["auprc_ci"] = percentile_ci(boot[m]["auprc"], bounds=(0.0, 1.0))
         c = calibration_bins(y, scores[m])
         c["n"] = [small(n, inputs.min_cell) for n in c["n"]]
         r["calibration"] = c
@@ -533,12 +627,47 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
         groups = groups.join(prs_groups, on=KEY)
         variables += [v for v in ("ancestry", "genotyped") if v in groups.columns]
     res["subgroups"] = subgroup_metrics(table.join(groups, on=KEY), models, variables, inputs.min_cell)
+    res["warnings"] += undefined_subgroup_warnings(res["subgroups"], reference)
     if "genotyped" in groups.columns:
         res["comparisons_by_genotyped"] = paired_deltas_by_level(
             table.join(groups, on=KEY), "genotyped", models, reference, inputs.n_bootstrap, inputs.seed, inputs.min_cell)
     if inputs.prs is not None:
         res["prs_deciles"] = prs_deciles(table, inputs.prs, inputs.prs_column, models, inputs.min_cell)
     return res, table
+
+
+def small_sample_warnings(n_pos_subjects: int, n_neg_subjects: int, boot_auroc: np.ndarray,
+                          min_cell: int = 20, threshold: int = MIN_SUBJECTS_PER_CLASS) -> list[str]:
+    """Warnings for intervals that cannot mean much: fewer than `threshold` subjects with a positive
+    (or a negative) label, and bootstrap resamples on which AUROC is undefined (boot_auroc NaN).
+
+    A count under `min_cell` is not printed (All of Us rule); the message says "fewer than threshold".
+    """
+    out = []
+    for count, label in ((n_pos_subjects, "positive"), (n_neg_subjects, "negative")):
+        if count < threshold:
+            who = f"only {count} subjects have" if count >= min_cell else f"fewer than {threshold} subjects have"
+            out.append(f"{who} a {label} label: too few for the 95% intervals and p-values to mean much (a bootstrap "
+                       f"over so few subjects understates the spread; {threshold} is the least); read the AUROC/AUPRC "
+                       f"and their differences as descriptive, or evaluate on more subjects "
+                       f"{'with' if label == 'positive' else 'without'} the outcome")
+    undefined = int(np.sum(~np.isfinite(boot_auroc)))
+    if undefined:
+        out.append(f"{undefined} of {boot_auroc.size} bootstrap resamples drew no positive or no negative subject, so "
+                   f"AUROC and AUPRC are undefined on them; they count against every interval (stretching it toward "
+                   f"the metric's range) and every p-value (p >= {min(1.0, 2 * undefined / boot_auroc.size):.3f})")
+    return out
+
+
+def undefined_subgroup_warnings(subgroups: dict, reference: str) -> list[str]:
+    """One warning naming the subgroup cells (shown, not suppressed) whose AUROC cannot be computed:
+    all their rows have the same label."""
+    cells = [f"{var}={level}" for var, levels in subgroups.items() for level, cell in levels.items()
+             if not cell["suppressed"] and math.isnan(cell["models"][reference]["auroc"])]
+    if not cells:
+        return []
+    return [f"AUROC and AUPRC cannot be computed for {', '.join(cells)}: all rows of the cell have the same label "
+            f"(shown as n/a)"]
 
 
 def _f(x: float, digits: int = 3) -> str:
@@ -555,13 +684,22 @@ def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _bootstrap_units(res: dict) -> str:
+    """What the bootstrap resampled, in words, for the report and the command's output."""
+    if res.get("bootstrap_unit") == "subject":
+        return (f"subjects, not rows ({res['n_subjects']} subjects, {res['n_positive_subjects']} with a positive "
+                "label; some have several rows, and a drawn subject brings all of them)")
+    return "rows (one per subject)"
+
+
 def render_report(res: dict, figures: list[str]) -> str:
     """report.md: the main table with paired deltas, subgroup tables, PRS deciles, figure links."""
     ref = res["reference"]
     lines = ["# Evaluation", "",
              f"{res['n']} prediction rows, {res['n_positive']} positive (prevalence {res['prevalence']:.3f}); "
-             f"95% CIs from {res['n_bootstrap']} paired bootstrap resamples (seed {res['seed']}); "
-             f"deltas are against **{ref}**.", "",
+             f"95% CIs from {res['n_bootstrap']} paired bootstrap resamples of {_bootstrap_units(res)} "
+             f"(seed {res['seed']}); deltas are against **{ref}**.", "",
+             *[f"> **Warning:** {w}.\n" for w in res.get("warnings", [])],
              "| model | AUROC [95% CI] | AUPRC [95% CI] | Brier | ECE | ΔAUROC vs ref [95% CI] | p | ΔAUPRC vs ref [95% CI] | p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, r in res["models"].items():
@@ -605,14 +743,20 @@ def render_report(res: dict, figures: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_evaluation(inputs: EvaluationInputs, out: str | Path) -> dict:
-    """Compute every metric and write metrics.json, report.md and the PNG figures to `out` (atomically)."""
+def run_evaluation(inputs: EvaluationInputs, out: str | Path, overwrite: bool = False) -> dict:
+    """Compute every metric and write metrics.json, report.md and the PNG figures to `out` (atomically).
+
+    An existing `out` is replaced only with `overwrite`, and never when it is, holds or lies inside
+    an input (a prediction file's folder, the truth or PRS table, the MEDS folder).
+    """
+    check_output(out, {"--predictions": list(inputs.predictions.values()), "--truth": inputs.truth,
+                       "--prs": inputs.prs, "--meds": inputs.meds}, overwrite)
     if inputs.n_bootstrap < 1:
         raise InputError(f"--n-bootstrap must be >= 1 (got {inputs.n_bootstrap}).")
     res, table = compute_metrics(inputs)
     y = table["boolean_value"].to_numpy().astype(np.int8)
     models = list(res["models"])
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         figures = plot_curves(y, {m: table[m].to_numpy() for m in models}, res["models"], tmp)
         figures.append(plot_calibration(res["models"], tmp, inputs.min_cell))
         if "prs_deciles" in res:
@@ -627,7 +771,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", nargs="+", required=True, metavar="NAME=FILE",
                         help="MEDS prediction files to compare, each named (ehr=runs/ehr.parquet ...)")
     parser.add_argument("--out", required=True, help="output folder: metrics.json, report.md, *.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder (never one that is, holds or lies inside an input)")
     parser.add_argument("--reference", default=None, help="model the others are compared with (default: the first)")
+    parser.add_argument("--strict-labels", action="store_true",
+                        help="refuse prediction files that do not all score the same (subject_id, prediction_time) "
+                             "rows, instead of comparing the models on the rows every file has, with a warning")
     parser.add_argument("--truth", default=None,
                         help=f"simulator truth file; adds {TRUTH_NAME!r} as a model (the ceiling), and with --prs also "
                              f"{TRUTH_RECORDED_NAME!r} (the genetic term only where a PRS was measured)")
@@ -647,9 +796,13 @@ def run(args: argparse.Namespace) -> None:
         truth=Path(args.truth) if args.truth else None, prs=Path(args.prs) if args.prs else None,
         prs_column=args.prs_column, meds=Path(args.meds) if args.meds else None,
         n_bootstrap=args.n_bootstrap, seed=args.seed, min_cell=args.min_cell,
+        strict_labels=args.strict_labels,
     )
-    res = run_evaluation(inputs, args.out)
+    res = run_evaluation(inputs, args.out, overwrite=args.overwrite)
+    for w in res["warnings"]:
+        warn(w)  # also in report.md and metrics.json
     ref = res["reference"]
+    print(f"  95% CIs from {res['n_bootstrap']} paired bootstrap resamples of {_bootstrap_units(res)}")
     for m, r in res["models"].items():
         c = res["comparisons"][m]
         extra = "" if m == ref else f"  ΔAUROC {c['delta_auroc']:+.3f} (p {_p(c['p_auroc'])})"

@@ -35,7 +35,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir
+from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
 
 NN_METHODS = ("lora", "probe", "full")
 METHODS = (*NN_METHODS, "gbm")
@@ -149,6 +149,10 @@ def run_sweep(args: argparse.Namespace) -> dict:
     from modeling_ehr_prs.evaluation import bootstrap_metrics, percentile_ci
     from modeling_ehr_prs.predict import predict_proba, prediction_frame, score_head
 
+    overwrite = getattr(args, "overwrite", False)
+    # before the inputs are built (minutes): a wrong --out fails at once, and never replaces an input
+    check_output(args.out, {"--model": args.model, "--meds": args.meds, "--prs": args.prs, "--labels": args.labels},
+                 overwrite)
     methods = list(dict.fromkeys(args.methods))
     bad = [m for m in methods if m not in METHODS]
     if bad:
@@ -195,7 +199,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     plan = [(m, k, s) for k in shots for s in range(max(n_seeds(m, k) for m in methods)) for m in methods
             if s < n_seeds(m, k) and (m != "lora" or k in lora_shots)]
     out = Path(args.out)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "predictions").mkdir()
         bar = tqdm(plan, desc="few-shot", unit="run")
         for method, k, seed in bar:
@@ -310,6 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True, help="MEDS labels of the task (all splits)")
     parser.add_argument("--out", required=True,
                         help="output folder: fewshot.json, fewshot.csv, fewshot.png, predictions/")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder (never one that is, holds or lies inside an input)")
     parser.add_argument("--shots", nargs="+", default=["8", "16", "32", "64", "128", "all"],
                         help="K values (positives and negatives each), 'all' = every train row")
     parser.add_argument("--seeds", type=int, default=3, help="draws per K (seeds 0..N-1)")

@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir
+from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
 
 PAPER = "Integrating Genomics into Multimodal EHR Foundation Models (arXiv 2510.23639)"
 CODE_LICENSE = "apache-2.0"
@@ -511,18 +511,15 @@ def _write_random_weights(model_dir: Path, out: Path, seed: int) -> list[str]:
     return sorted(written)
 
 
-def _safe_target(out_dir: Path, sources: list[Path]) -> None:
-    """Refuse an output folder that would overwrite a source or a folder this command did not write."""
-    out = out_dir.resolve()
-    for src in sources:
-        s = src.resolve()
-        if out == s or out in s.parents or s in out.parents:
-            raise InputError(f"--dry-run {out_dir} overlaps {src}; choose a folder outside the model and adapter.")
-    if out.exists() and any(out.iterdir()):
-        readme = out / "README.md"
+def _safe_target(out_dir: Path, sources: dict[str, Path | None], overwrite: bool = False) -> None:
+    """Refuse an upload folder that overlaps a source, or replaces an existing folder without --overwrite."""
+    check_output(out_dir, sources, overwrite=True, flag="--dry-run")  # overlap with a source: never, first
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        readme = out_dir / "README.md"
         if not (readme.is_file() and CARD_MARKER in (_card_tags(readme) or [])):
             raise InputError(f"--dry-run {out_dir} exists and is not an upload folder written by `ehr-prs push`; "
-                             "choose a new or empty folder.")
+                             "pass --overwrite to replace it, or choose a new or empty folder.")
+    check_output(out_dir, sources, overwrite, flag="--dry-run")
 
 
 def _card_tags(readme: Path) -> list[str] | None:
@@ -538,17 +535,20 @@ def build_upload_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                         adapter_dir: str | os.PathLike | None = None,
                         eval_report: str | os.PathLike | None = None, gated: bool = False,
                         random_weights: bool = False, repo_id: str = "user/ehr-prs", seed: int = 0,
-                        notes: list[str] | None = None) -> Path:
+                        notes: list[str] | None = None, overwrite: bool = False) -> Path:
     """Write exactly the folder `ehr-prs push` uploads and return its path.
 
     Layout: config.json, model.safetensors (or index + shards), the remote-code *.py files,
     tokenizer_config.json + ehr_vocab.json, prs_standardizer.json, training_summary.json (paths
     redacted), generation_config.json, README.md (model card) and, with an adapter,
     adapter/{adapter_config.json, adapter_model.safetensors, finetune_summary.json}. Anything else
-    in the source folders is skipped; what was skipped and why is appended to `notes`.
+    in the source folders is skipped; what was skipped and why is appended to `notes`. An existing
+    `out_dir` is replaced only with `overwrite`, never when it overlaps the model, adapter or report.
     """
     notes = notes if notes is not None else []
     model, out = Path(model_dir), Path(out_dir)
+    # first, before reading anything: the upload folder must not overlap a source nor replace a folder silently
+    _safe_target(out, {"--model": model, "--adapter": adapter_dir, "--eval-report": eval_report}, overwrite)
     if random_weights and adapter_dir is not None:
         raise InputError("--random-weights publishes an untrained twin of the base model; drop --adapter (an adapter "
                          "holds trained weights).")
@@ -569,7 +569,6 @@ def build_upload_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         if "models" not in metrics:
             raise InputError(f"--eval-report {path}: no 'models' key; not a metrics.json from `ehr-prs evaluate`.")
         task = path.parent.name
-    _safe_target(out, [model, *([adapter] if adapter else [])])
 
     copied = set(kinds["json"] + kinds["code"] + kinds["weights"])
     for p in sorted(model.iterdir()):
@@ -579,7 +578,7 @@ def build_upload_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike
             "a folder: checkpoints are not shared" if p.is_dir() else "not on the allow-list")
         notes.append(f"skipped {p} ({why})")
 
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite, flag="--dry-run") as tmp:
         summaries: dict[str, dict] = {}
         for name in kinds["json"]:
             if random_weights and name == "training_summary.json":
@@ -694,6 +693,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-report", default=None, help="folder of `ehr-prs evaluate` (metrics.json) for the card")
     parser.add_argument("--dry-run", default=None, metavar="FOLDER",
                         help="build the upload folder here and stop (nothing is uploaded)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --dry-run folder (never one that overlaps --model/--adapter)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -701,7 +702,7 @@ def run(args: argparse.Namespace) -> None:
     target = Path(args.dry_run) if args.dry_run else Path(tempfile.mkdtemp(prefix="ehr-prs-push-")) / "upload"
     folder = build_upload_folder(args.model, target, adapter_dir=args.adapter, eval_report=args.eval_report,
                                  gated=args.gated, random_weights=args.random_weights, repo_id=args.repo_id,
-                                 seed=args.seed, notes=notes)
+                                 seed=args.seed, notes=notes, overwrite=args.overwrite)
     for note in notes:
         print(f"  note: {note}")
     files = sorted(p for p in folder.rglob("*") if p.is_file())

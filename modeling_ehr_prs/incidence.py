@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError, atomic_output_file
+from modeling_ehr_prs.errors import InputError, atomic_output_file, check_output
 
 FORMAT = "ehr-prs incidence refit 1"
 ALPHAS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # ridge penalties tried (sklearn PoissonRegressor units)
@@ -172,14 +172,37 @@ def fit_incidence(train: dict, tuning: dict | None, alphas: tuple[float, ...] = 
     return w, b, report
 
 
-def save_incidence(path: str | Path, weight: np.ndarray, bias: float, tokens: list[str], report: dict) -> None:
+def save_incidence(path: str | Path, weight: np.ndarray, bias: float, tokens: list[str], report: dict,
+                   overwrite: bool = False) -> None:
     """Write w and b as safetensors, the outcome tokens and the report as its metadata."""
     from safetensors.torch import save_file
 
     tensors = {"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor([bias], dtype=torch.float32)}
     # written whole or not at all: `make demo` starts risk jobs as soon as this file exists
-    with atomic_output_file(path) as tmp:
+    with atomic_output_file(path, overwrite) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "tokens": json.dumps(tokens), "report": json.dumps(report)})
+
+
+def is_incidence_file(path: str | Path) -> bool:
+    """Whether `path` is a file written by `save_incidence` (its safetensors metadata says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file at all
+        return False
+
+
+def check_incidence_output(out: str | Path, model: str | Path, data: str | Path, overwrite: bool) -> None:
+    """The output rules of `incidence-refit`: those of every command (errors.check_output), except that
+    the refit may be written into the --model folder it belongs to (README: MODEL/incidence_t2d.safetensors);
+    there, even --overwrite replaces only an earlier refit, never one of the model's own files."""
+    check_output(out, {"--model": model, "--data": data}, overwrite, kind="file", inside_ok=("--model",))
+    target, model_dir = Path(out).expanduser().resolve(), Path(model).expanduser().resolve()
+    if model_dir in target.parents and Path(out).exists() and not is_incidence_file(out):
+        raise InputError(f"--out {out} is a file of the --model folder {model}, not an earlier incidence refit; "
+                         f"it is never replaced (even with --overwrite). Choose a new file name.")
 
 
 def load_incidence(path: str | Path) -> tuple[torch.Tensor, float, list[str], dict]:
@@ -206,7 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="`ehr-prs tokenize` output: fits on train/, chooses the penalty on tuning/")
     parser.add_argument("--codes", nargs="+", required=True,
                         help="the outcome's codes, as `ehr-prs risk --codes` will name them (ICD10CM/E11*)")
-    parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--out", required=True,
+                        help="output .safetensors file (may lie inside --model, e.g. MODEL/incidence_t2d.safetensors)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (inside --model: only an earlier refit)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
     parser.add_argument("--negative-fraction", type=float, default=0.05,
                         help="share of non-onset positions kept (reweighted); every onset is kept")
@@ -220,9 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import datasets
 
-    from modeling_ehr_prs.errors import atomic_output_file
     from modeling_ehr_prs.risk import load_model_and_tokenizer
 
+    check_incidence_output(args.out, args.model, args.data, args.overwrite)
     if not 0 < args.negative_fraction <= 1:
         raise InputError(f"--negative-fraction must be in (0, 1], got {args.negative_fraction}")
     if args.max_sequences is not None and args.max_sequences < 1:
@@ -253,8 +279,7 @@ def run(args: argparse.Namespace) -> None:
     report.update({"codes": args.codes, "train_subjects_with_onset": stats["train"]["subjects"],
                    "train_sequences": stats["train"]["sequences"], "train_sequences_cut_left_out": stats["train"]["cut"],
                    "negative_fraction": args.negative_fraction})
-    with atomic_output_file(args.out) as tmp:
-        save_incidence(tmp, weight, bias, [tokens[i] for i in target], report)
+    save_incidence(args.out, weight, bias, [tokens[i] for i in target], report, overwrite=args.overwrite)
     gain = report.get("tuning_gain_nats")
     print(f"wrote {args.out}: {report['train_onsets']} training onsets of {args.codes}, "
           + (f"tuning gain {gain:.1f} nats over {report['tuning_onsets']} onsets (alpha {report['chosen_alpha']})"

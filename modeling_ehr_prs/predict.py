@@ -33,7 +33,8 @@ import torch
 from tqdm.auto import tqdm
 
 from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.errors import InputError, check_output
+from modeling_ehr_prs.readers import STRICT_LABELS_HELP
 
 SUMMARY_FILE = "finetune_summary.json"
 STANDARDIZER_FILE = "prs_standardizer.json"
@@ -75,6 +76,7 @@ def load_base_classifier(model_dir: str | Path):
     from transformers.utils import logging as hf_logging
 
     import modeling_ehr_prs  # noqa: F401  (Auto registration)
+    from modeling_ehr_prs.checked_load import load_checked
     from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForSequenceClassification
     from tokenizer import EhrTokenizer, PrsStandardizer
 
@@ -90,8 +92,9 @@ def load_base_classifier(model_dir: str | Path):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the expected "score.* newly initialised" report is noise here
     try:
-        model, info = EhrPrsForSequenceClassification.from_pretrained(str(model_dir), num_labels=1,
-                                                                      output_loading_info=True)
+        # load_checked names a missing/truncated/corrupt model.safetensors and refuses NaN/inf weights.
+        model, info = load_checked(EhrPrsForSequenceClassification.from_pretrained, model_dir, "--model",
+                                   num_labels=1, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
@@ -147,10 +150,15 @@ def load_for_prediction(model_dir: str | Path, adapter_dir: str | Path | None = 
 
         adapter_dir = Path(adapter_dir)
         summary = check_adapter_base(adapter_dir, model_dir, base_fingerprint(model))
+        from modeling_ehr_prs.checked_load import check_finite, check_safetensors_file
+
+        if (adapter_dir / "adapter_model.safetensors").exists() or not (adapter_dir / "adapter_model.bin").exists():
+            check_safetensors_file(adapter_dir / "adapter_model.safetensors", "--adapter")  # names a cut-short file
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         except (RuntimeError, ValueError, KeyError) as err:  # size mismatch, unknown target modules
             raise InputError(f"--adapter {adapter_dir} does not fit --model {model_dir}: {str(err)[:400]}") from err
+        check_finite(model, f"--adapter {adapter_dir}: adapter_model.safetensors")  # the base was checked on load
     model.eval()
     return model, tokenizer, standardizer, summary
 
@@ -274,32 +282,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prs", help="PRS table (parquet/CSV); without it every subject counts as not genotyped")
     parser.add_argument("--labels", required=True, help="MEDS labels (subject_id, prediction_time, boolean_value)")
     parser.add_argument("--out", required=True, help="output parquet in the MEDS prediction schema")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (never an input, nor a file inside --model/--adapter/--meds)")
     parser.add_argument("--split", default="held_out", help="which split's labels to predict (default held_out)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     parser.add_argument("--max-length", type=int,
                         help="cap on event tokens per input (default: the one used in finetune, else the context)")
+    parser.add_argument("--strict-labels", action="store_true", help=STRICT_LABELS_HELP)
 
 
 def run(args: argparse.Namespace) -> None:
     from modeling_ehr_prs.baselines import write_predictions
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
+    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
+    from tokenizer.prediction_inputs import warn_if_prs_not_given
 
+    check_output(args.out, {"--model": args.model, "--adapter": args.adapter, "--meds": args.meds, "--prs": args.prs,
+                            "--labels": args.labels}, args.overwrite, kind="file")
     model, tokenizer, standardizer, summary = load_for_prediction(args.model, args.adapter)
     meds = read_meds_dataset(args.meds)
     if args.split not in meds.splits:
         raise InputError(f"--split {args.split!r}: {args.meds} has splits {meds.splits}")
-    labels = read_labels(args.labels)
-    split_ids = meds.subject_splits.filter(pl.col("split") == args.split).get_column("subject_id")
-    labels = labels.filter(pl.col("subject_id").is_in(split_ids.implode()))
-    if labels.height == 0:
-        raise InputError(f"{args.labels}: no label rows for subjects in split {args.split!r}")
+    # The shared label policy: unscorable rows dropped with one warning (or refused with --strict-labels).
+    selection = select_label_rows(meds, read_labels(args.labels), [args.split], args.labels, args.strict_labels)
+    print(selection.summary())
+    labels = selection.rows
     prs = read_prs_table(args.prs) if args.prs else None
+    warn_if_prs_not_given(model_n_prs(model), prs, args.model)
     # Default: the cap the model was fine-tuned with (finetune --max-length), else the whole context.
     cap = args.max_length if args.max_length is not None else summary.get("args", {}).get("max_length")
     max_length = classifier_max_length(model.config, cap, tokenizer)
     data = task_inputs(meds, labels, tokenizer, standardizer, prs, args.split, max_length)
     probability = predict_proba(model, data, tokenizer.pad_token_id, args.batch_size, max_length)
     frame = prediction_frame(data, probability)
-    write_predictions(frame, args.out)
+    write_predictions(frame, args.out, args.overwrite,
+                      source=f"--model {args.model}" + (f" --adapter {args.adapter}" if args.adapter else ""))
     print(f"wrote {args.out}: {frame.height} predictions for split {args.split} "
           f"({int(frame['boolean_value'].sum())} positive), mean predicted risk {probability.mean():.4f}")

@@ -4,7 +4,12 @@ Every reader checks what it is handed before anything downstream sees it: column
 taken from the `meds` package's own schemas and compared with the file's parquet metadata
 (never trusted), and each problem stops with an `InputError` that names the file, the column
 and, where there is one, the subject, and says what would be right. Data shards are checked
-from their parquet footers only, so validating a large cohort does not read it.
+from their parquet footers (and, in a data/<split>/ layout, their subject_id column), so
+validating a large cohort does not read its events.
+
+`select_label_rows` is the one policy every command that reads labels follows (risk, baseline,
+finetune, predict, fewshot): rows that cannot be scored are dropped with one warning line
+giving the counts, or refused with `--strict-labels`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +156,7 @@ class MedsDataset:
     # True when the data files are a flat data/*.parquet and splits come from subject_splits only.
     flat: bool = False
     _has_numeric: dict[Path, bool] = field(default_factory=dict, repr=False)
+    _subject_index: pl.DataFrame | None = field(default=None, repr=False)
 
     @property
     def splits(self) -> list[str]:
@@ -191,6 +198,75 @@ class MedsDataset:
             files = sorted({p for s in splits for p in self.shards[s]})
             return pl.concat([self.scan_file(p, split) for p in files], how="vertical")
         return pl.concat([self.scan_file(p) for s in splits for p in self.shards[s]], how="vertical")
+
+    def subject_index(self) -> pl.DataFrame:
+        """subject_id (Int64) -> split (String) of every subject with events, read once and cached.
+
+        Reads the subject_id column only. In a data/<split>/ layout a subject whose events sit in
+        two split folders, or whose folder disagrees with metadata/subject_splits.parquet, is an
+        InputError naming the subject, the splits and a file: either is a silent train/test leak.
+        In a flat layout the split comes from subject_splits; subjects it does not list are absent.
+        """
+        if self._subject_index is not None:
+            return self._subject_index
+        if self.flat:
+            files = sorted({p for s in self.splits for p in self.shards[s]})
+            ids = _unique_subjects(files)
+            index = self.subject_splits.join(ids, on="subject_id", how="semi")
+        else:
+            index = pl.concat(
+                [_unique_subjects(self.shards[s]).with_columns(pl.lit(s).alias("split")) for s in self.splits]
+            )
+            _check_one_split_per_subject(self, index)
+        self._subject_index = index.select("subject_id", "split").sort("subject_id")
+        return self._subject_index
+
+    def first_event_times(self, subject_ids: pl.Series, splits: list[str]) -> pl.DataFrame:
+        """subject_id -> first_time: each subject's earliest timed event other than MEDS_BIRTH.
+
+        The tokenizer writes birth as an age and static facts as a prefix, so a prediction time
+        before this instant gives the model an empty history. Subjects with no such event are absent.
+        """
+        ids = pl.DataFrame({"subject_id": subject_ids.cast(pl.Int64).unique()})
+        parts = [
+            self.scan(s).filter(pl.col("time").is_not_null() & (pl.col("code") != meds.birth_code))
+            .join(ids.lazy(), on="subject_id", how="semi")
+            .group_by("subject_id").agg(pl.col("time").min().alias("first_time"))
+            for s in splits if s in self.shards
+        ]
+        if not parts:
+            return pl.DataFrame(schema={"subject_id": pl.Int64, "first_time": pl.Datetime("us")})
+        return pl.concat(pl.collect_all(parts)).group_by("subject_id").agg(pl.col("first_time").min())
+
+
+def _unique_subjects(files: list[Path]) -> pl.DataFrame:
+    """The distinct subject ids of some data files, reading only that column."""
+    if not files:
+        return pl.DataFrame(schema={"subject_id": pl.Int64})
+    return pl.scan_parquet(files).select(pl.col("subject_id").cast(pl.Int64)).unique().collect()
+
+
+def _check_one_split_per_subject(ds: MedsDataset, index: pl.DataFrame) -> None:
+    """InputError when a subject's events sit in two split folders, or in a folder other than its listed split."""
+    twice = index.filter(pl.col("subject_id").is_duplicated())
+    if twice.height:
+        sid = twice["subject_id"].min()
+        splits = sorted(twice.filter(pl.col("subject_id") == sid)["split"].to_list(), key=KNOWN_SPLITS.index)
+        n = twice["subject_id"].n_unique()
+        raise InputError(
+            f"{ds.root / meds.data_subdirectory}: subject {sid} has events in more than one split ({', '.join(splits)})"
+            f"{f', and so do {n - 1} other subject(s)' if n > 1 else ''}; a subject's events must all sit in one "
+            f"split, otherwise the model is trained on subjects it is later tested on. Move them into one data/<split>/ folder."
+        )
+    listed = index.join(ds.subject_splits.rename({"split": "listed"}), on="subject_id", how="inner")
+    wrong = listed.filter(pl.col("split") != pl.col("listed")).sort("subject_id")
+    if wrong.height:
+        sid, folder, split = wrong.row(0)
+        raise InputError(
+            f"{ds.root}: subject {sid} is listed under split {split!r} in {meds.subject_splits_filepath} but its events "
+            f"are in data/{folder}/ ({wrong.height} subject(s) disagree); a subject in two splits leaks between "
+            f"training and testing. Make the split folder and {meds.subject_splits_filepath} agree."
+        )
 
 
 def _read_dataset_json(root: Path) -> dict:
@@ -293,9 +369,10 @@ def _find_shards(root: Path, subject_splits: pl.DataFrame) -> tuple[dict[str, li
 def read_meds_dataset(root: str | os.PathLike) -> MedsDataset:
     """Open and validate a MEDS 0.4 dataset at `root`; raise InputError on anything malformed.
 
-    Validation reads only metadata files and parquet footers: each data shard's columns are
-    checked against `meds.DataSchema` (safe widening casts accepted) and its row-group
-    statistics for nulls in subject_id and code.
+    Validation reads metadata files and parquet footers: each data shard's columns are checked
+    against `meds.DataSchema` (safe widening casts accepted) and its row-group statistics for
+    nulls in subject_id and code. In a data/<split>/ layout it also reads the subject_id column,
+    to refuse a subject whose events sit in two splits (`MedsDataset.subject_index`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -311,7 +388,10 @@ def read_meds_dataset(root: str | os.PathLike) -> MedsDataset:
         check_schema(meds.DataSchema, arrow, path, "MEDS data shard")
         _check_no_nulls_from_stats(meta, path, ["subject_id", "code"])
         has_numeric[path] = "numeric_value" in arrow.names
-    return MedsDataset(root, metadata, codes, subject_splits, shards, flat, has_numeric)
+    ds = MedsDataset(root, metadata, codes, subject_splits, shards, flat, has_numeric)
+    if not flat:
+        ds.subject_index()  # subject ids only: a subject in two split folders is a train/test leak
+    return ds
 
 
 # ----------------------------------------------------------------------------------------
@@ -442,3 +522,161 @@ def read_labels(path: str | os.PathLike) -> pl.DataFrame:
             f"{dup['prediction_time'][0]}; keep one row per (subject_id, prediction_time)."
         )
     return df
+
+
+# ----------------------------------------------------------------------------------------
+# The label-row policy shared by every command
+# ----------------------------------------------------------------------------------------
+
+STRICT_LABELS_HELP = (
+    "refuse (exit 2) label rows that cannot be scored -- a subject with no events in --meds, or a "
+    "prediction_time before the subject's first event -- instead of dropping them with a warning"
+)
+
+
+def warn(message: str) -> None:
+    """One line on stderr that a user should read but that does not stop the command."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _examples(rows: pl.DataFrame, n: int = 3, with_time: bool = False) -> str:
+    rows = rows.sort("subject_id", "prediction_time")
+    if with_time:
+        items = [f"{s} at {t}" for s, t in rows.select("subject_id", "prediction_time").head(n).iter_rows()]
+    else:
+        items = [str(s) for s in rows["subject_id"].unique(maintain_order=True).head(n).to_list()]
+    return ", ".join(items) + (", ..." if rows["subject_id"].n_unique() > n else "")
+
+
+@dataclass
+class LabelSelection:
+    """Label rows a command can score, and the rows it dropped and why (see `select_label_rows`).
+
+    rows: the kept rows in the file's order, with a `split` column. absent: rows whose subject
+    has no events in the MEDS data. early: rows of the wanted splits whose prediction_time is
+    before the subject's first event (an empty history). n_other_splits: rows of subjects in
+    splits the command does not read (normal: one label file serves every split).
+    """
+
+    rows: pl.DataFrame
+    n_rows: int
+    absent: pl.DataFrame
+    early: pl.DataFrame
+    n_other_splits: int
+    splits: list[str]
+
+    @property
+    def n_dropped(self) -> int:
+        return self.absent.height + self.early.height
+
+    def counts(self) -> dict[str, int]:
+        """The numbers a command's summary reports (also written into finetune's summary JSON)."""
+        return {"label_rows": self.n_rows, "used": self.rows.height, "other_splits": self.n_other_splits,
+                "dropped_no_events": self.absent.height, "dropped_before_first_event": self.early.height}
+
+    def reasons(self, ds: MedsDataset) -> str:
+        """Why rows were dropped: counts and a few example subjects, one clause per reason."""
+        parts = []
+        listed = f" (or no split in {meds.subject_splits_filepath})" if ds.flat else ""
+        if self.absent.height:
+            parts.append(f"{self.absent.height} whose subject has no events in {ds.root}{listed} "
+                         f"({self.absent['subject_id'].n_unique()} subject(s), e.g. {_examples(self.absent)})")
+        if self.early.height:
+            parts.append(f"{self.early.height} whose prediction_time is before the subject's first event, so the "
+                         f"history would be empty (e.g. subject {_examples(self.early, with_time=True)})")
+        return "; ".join(parts)
+
+    def summary(self) -> str:
+        """One line for the command's output: rows used, rows of other splits, rows dropped."""
+        where = ", ".join(self.splits)
+        dropped = (f"; dropped {self.n_dropped} (no events: {self.absent.height}, before first event: "
+                   f"{self.early.height})") if self.n_dropped else ""
+        other = f", {self.n_other_splits} belong to other splits" if self.n_other_splits else ""
+        return f"label rows: {self.rows.height} of {self.n_rows} used (split {where}){other}{dropped}"
+
+
+def select_label_rows(
+    ds: MedsDataset, labels: pl.DataFrame, splits: list[str] | None, source: str | os.PathLike,
+    strict: bool = False,
+) -> LabelSelection:
+    """The label rows of `splits` (None: every split) that can be scored, with one policy for every command.
+
+    A row is dropped when its subject has no events in the MEDS data (nothing to score) or when
+    its prediction_time is before the subject's first timed event other than MEDS_BIRTH (the
+    model would see static facts only). Dropped rows are reported in one warning line with counts
+    and example subjects; `strict` (--strict-labels) makes them an InputError instead, and so is
+    a selection that keeps no row. Rows of subjects in other splits are left out silently and
+    counted. Reads subject ids and event times only.
+    """
+    wanted = list(ds.splits if splits is None else dict.fromkeys(splits))
+    n_rows = labels.height
+    index = ds.subject_index()
+    joined = labels.drop("split", strict=False).join(index, on="subject_id", how="left", maintain_order="left")
+    absent = joined.filter(pl.col("split").is_null())
+    present = joined.filter(pl.col("split").is_not_null())
+    mine = present.filter(pl.col("split").is_in(wanted))
+    n_other = present.height - mine.height
+    first = ds.first_event_times(mine["subject_id"], wanted)
+    with_first = mine.join(first, on="subject_id", how="left", maintain_order="left")
+    is_early = pl.col("first_time").is_null() | (pl.col("prediction_time") < pl.col("first_time"))
+    early = with_first.filter(is_early).drop("first_time")
+    rows = with_first.filter(~is_early).drop("first_time")
+    sel = LabelSelection(rows, n_rows, absent, early, n_other, wanted)
+    if rows.height == 0:
+        why = f": {sel.reasons(ds)}" if sel.n_dropped else ""
+        in_splits = sorted(set(present["split"].to_list()) - set(wanted), key=KNOWN_SPLITS.index)
+        raise InputError(
+            f"{source}: no label row can be scored in split {', '.join(wanted)} of {ds.root}"
+            f"{why}{f' (the other rows are in split(s) {in_splits})' if n_other else ''}. "
+            f"Labels need subjects with events in this split and a prediction_time at or after their first event."
+        )
+    if sel.n_dropped:
+        if strict:
+            raise InputError(
+                f"{source}: {sel.n_dropped} of {n_rows} label row(s) cannot be scored: {sel.reasons(ds)}. "
+                f"Remove them from the label file, or drop --strict-labels to skip them with a warning."
+            )
+        warn(f"{source}: dropped {sel.n_dropped} of {n_rows} label row(s) that cannot be scored: "
+             f"{sel.reasons(ds)}; --strict-labels makes this an error.")
+    return sel
+
+
+# ----------------------------------------------------------------------------------------
+# Demographics: a subject's sex from static codes, in every common MEDS spelling
+# ----------------------------------------------------------------------------------------
+
+# MEDS has no fixed sex code; each ETL writes its own. The spellings read are in sex_from_code.
+SEX_CODE_PATTERN = r"(?i)^(?:gender|sex)/{1,2}(f|female|8532|m|male|8507)$"
+_FEMALE_VALUES = ("f", "female", "8532")
+
+
+def sex_from_code(code: pl.Expr | None = None) -> pl.Expr:
+    """'F' or 'M' for a code that spells a sex, null for every other code.
+
+    The spellings, matched case-insensitively on the whole code (SEX_CODE_PATTERN):
+      Gender/F, Gender/M            ehr-prs simulate; OMOP via meds_etl and `ehr-prs omop-to-meds`
+                                    (the OMOP Gender vocabulary's concept codes); EHRSHOT/FEMR
+      Gender/FEMALE, Gender/MALE    OMOP ETLs that write the concept name instead of its code
+      Gender/8532, Gender/8507      OMOP ETLs that write the concept id (8532 FEMALE, 8507 MALE)
+      GENDER//F, GENDER//M          MIMIC-IV in MEDS (MIMIC_IV_MEDS / MEDS_transforms conventions:
+                                    `GENDER//` + the patients table's gender), other MEDS_transforms ETLs
+      SEX/F, SEX//Female, ...       the same with SEX as the prefix
+    Anything else (other values such as Gender/U, other prefixes) is unknown, never guessed.
+
+    One rule for the baselines' `sex_female` feature, evaluation's sex subgroups and the record
+    ceiling, so that MIMIC's `GENDER//F` and OMOP's `Gender/F` read the same everywhere.
+    """
+    value = (pl.col("code") if code is None else code).str.extract(SEX_CODE_PATTERN, 1).str.to_lowercase()
+    return (pl.when(value.is_null()).then(pl.lit(None, dtype=pl.String))
+            .when(value.is_in(_FEMALE_VALUES)).then(pl.lit("F")).otherwise(pl.lit("M")))
+
+
+def subject_sex(events: pl.DataFrame, by: list[str] | None = None) -> pl.DataFrame:
+    """`by` (default subject_id) + sex ('F'/'M') for the groups whose sex codes agree.
+
+    `events` needs a `code` column; a group with no sex code, or with codes that disagree
+    (both F and M), is left out (unknown), so callers join it with how="left".
+    """
+    by = by or ["subject_id"]
+    return (events.select(*by, sex_from_code().alias("sex")).drop_nulls("sex").unique()
+            .filter(pl.len().over(by) == 1))

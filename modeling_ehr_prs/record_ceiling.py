@@ -39,7 +39,8 @@ import numpy as np
 import polars as pl
 
 from modeling_ehr_prs.baselines import KEY, check_two_classes, write_predictions
-from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.errors import InputError, check_output
+from modeling_ehr_prs.readers import sex_from_code, subject_sex
 from modeling_ehr_prs.simulate import (COMORBIDITIES, MEASUREMENT_CODES, MIN_HISTORY_DAYS, SMOKING_CODES,
                                        TASK_CODE_PREFIXES, TASKS)
 
@@ -52,7 +53,7 @@ RISK_FACTORS: dict[str, tuple[list[str], list[str]]] = {
     "copd": ([MEASUREMENT_CODES["pack_years"]],
              list(SMOKING_CODES.values()) + ["ICD10CM/F17.210", "ICD10CM/Z87.891", "ICD10CM/R06.02", "ICD10CM/R05.9", "ICD10CM/J20.9"]),
 }
-SEX_CODE = "Gender/F"
+SEX_CODE = "Gender/F"  # the simulator's spelling; any other (MIMIC's GENDER//F, ...) is read by sex_from_code
 C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
@@ -64,7 +65,7 @@ def risk_factor_features(events: pl.DataFrame, rows: pl.DataFrame, task: str) ->
     """
     values, counted = RISK_FACTORS[task]
     keys = rows.select(KEY).unique()
-    e = (events.filter(pl.col("code").is_in(values + counted + [SEX_CODE, meds.birth_code]))
+    e = (events.filter(pl.col("code").is_in(values + counted + [meds.birth_code]) | sex_from_code().is_not_null())
          .join(keys, on="subject_id")
          .filter(pl.col("time").is_null() | (pl.col("time") <= pl.col("prediction_time"))))
     out = keys
@@ -82,7 +83,8 @@ def risk_factor_features(events: pl.DataFrame, rows: pl.DataFrame, task: str) ->
               .pivot(on="code", index=KEY, values="len"))
     out = out.join(counts, on=KEY, how="left")
     birth = e.filter(pl.col("code") == meds.birth_code).group_by(KEY).agg(pl.col("time").min().alias("birth"))
-    female = e.filter(pl.col("code") == SEX_CODE).select(KEY).unique().with_columns(pl.lit(1.0).alias("female"))
+    female = (subject_sex(e, by=KEY).filter(pl.col("sex") == "F").select(KEY)
+              .with_columns(pl.lit(1.0).alias("female")))
     out = (out.join(birth, on=KEY, how="left").join(female, on=KEY, how="left")
            .with_columns(((pl.col("prediction_time") - pl.col("birth")).dt.total_days() / 365.25).alias("age"),
                          pl.col("female").fill_null(0.0))
@@ -211,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort", required=True, help="folder written by `ehr-prs simulate` (meds/, prs.parquet, labels/, truth/)")
     parser.add_argument("--task", required=True, choices=TASKS, help="which simulated task's labels to predict")
     parser.add_argument("--out", required=True, help="output prediction parquet (MEDS prediction schema)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (never one inside --cohort)")
     parser.add_argument("--train-rows-per-subject", type=int, default=0,
                         help="0 (default): fit on labels/TASK.parquet's train rows; K > 0: up to K prediction times "
                              "per train subject drawn from the record itself")
@@ -224,9 +228,10 @@ def run(args: argparse.Namespace) -> None:
         raise InputError(f"--train-rows-per-subject must be >= 0 (got {args.train_rows_per_subject}).")
     if args.horizon_days <= 0:
         raise InputError(f"--horizon-days must be > 0 (got {args.horizon_days}).")
+    check_output(args.out, {"--cohort": args.cohort}, args.overwrite, kind="file")
     preds, summary = record_ceiling(args.cohort, args.task, meds.held_out_split, args.train_rows_per_subject,
                                     args.horizon_days, args.seed)
-    write_predictions(preds, args.out)
+    write_predictions(preds, args.out, args.overwrite)
     print(f"record-ceiling {args.task}: {summary}")
     print(f"wrote {args.out}: {preds.height} predictions for split held_out "
           f"({int(preds['boolean_value'].sum())} positive)")

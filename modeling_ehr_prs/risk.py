@@ -47,8 +47,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.errors import InputError, check_output
 from modeling_ehr_prs.incidence import load_incidence, pooled_states
+from modeling_ehr_prs.readers import STRICT_LABELS_HELP
 
 try:  # the cache layer class of transformers 5 (DynamicCache.layers)
     from transformers.cache_utils import DynamicLayer
@@ -446,8 +447,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target codes; a code ending in * is a prefix (ICD10CM/E11*)")
     parser.add_argument("--horizon-days", type=float, required=True, help="risk window after prediction_time")
     parser.add_argument("--out", required=True, help="output parquet in the MEDS prediction schema")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (never an input, nor a file inside --model/--meds)")
     parser.add_argument("--split", default="held_out", help="which split's labels to score (default held_out)")
-    parser.add_argument("--method", default="path", choices=METHODS, help="estimator (default path, the paper's)")
+    parser.add_argument("--method", default="survival", choices=METHODS,
+                        help="estimator (default survival: unbiased and calibrated, the one the README recommends; "
+                             "path is the paper's, whose risks run high; mc the plain fraction of paths)")
     parser.add_argument("--samples", type=int, default=16, help="sampled futures per label row (K)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="cap on generated tokens per path")
     parser.add_argument("--paths-per-batch", type=int, default=256, help="paths sampled together (rows x K)")
@@ -458,6 +463,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="correct each path by its tokens' zero-mean sampling increments (unbiased; about a "
                              "third less per-row variance on the demo's T2D rows at K=4); needs --samples >= 2")
     parser.add_argument("--limit", type=int, help="score only the first N label rows of the split")
+    parser.add_argument("--strict-labels", action="store_true", help=STRICT_LABELS_HELP)
     parser.add_argument("--incidence-refit", metavar="FILE",
                         help="a refit of the target codes' onset rate on the history summary, written by "
                              "`ehr-prs incidence-refit` with the same --codes, for this model or the frozen "
@@ -474,7 +480,10 @@ def load_model_and_tokenizer(model_dir: str | Path):
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise InputError(f"--model {model_dir}: no config.json; expected a folder written by `ehr-prs pretrain`")
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    from modeling_ehr_prs.checked_load import load_checked
+
+    # Names a missing, truncated or corrupt model.safetensors, and refuses NaN/inf weights (a diverged run).
+    model = load_checked(AutoModelForCausalLM.from_pretrained, model_dir, "--model")
     model.eval()
     tokenizer = EhrTokenizer.from_pretrained(str(model_dir))
     standardizer = None
@@ -487,9 +496,12 @@ def run(args: argparse.Namespace) -> None:
     import polars as pl
 
     from modeling_ehr_prs.baselines import write_predictions
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
+    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
     from tokenizer import inputs_at_prediction_times
+    from tokenizer.prediction_inputs import warn_if_prs_not_given
 
+    check_output(args.out, {"--model": args.model, "--meds": args.meds, "--prs": args.prs, "--labels": args.labels,
+                            "--incidence-refit": args.incidence_refit}, args.overwrite, kind="file")
     if args.horizon_days <= 0:
         raise InputError(f"--horizon-days must be > 0, got {args.horizon_days}")
     if args.samples < 1:
@@ -518,15 +530,15 @@ def run(args: argparse.Namespace) -> None:
         )
     if model.config.n_prs and standardizer is not None and standardizer.n_prs != model.config.n_prs:
         raise InputError(f"{args.model}: PRS standardiser has {standardizer.n_prs} columns, model expects {model.config.n_prs}")
-    labels = read_labels(args.labels)
-    split_ids = meds.subject_splits.filter(pl.col("split") == args.split).get_column("subject_id")
     if args.split not in meds.splits:
         raise InputError(f"--split {args.split!r}: {args.meds} has splits {meds.splits}")
-    labels = labels.filter(pl.col("subject_id").is_in(split_ids.implode()))
+    # The shared label policy: unscorable rows dropped with one warning (or refused with --strict-labels).
+    selection = select_label_rows(meds, read_labels(args.labels), [args.split], args.labels, args.strict_labels)
+    print(selection.summary())
+    labels = selection.rows
     if args.limit:
         labels = labels.head(args.limit)
-    if labels.height == 0:
-        raise InputError(f"{args.labels}: no label rows for subjects in split {args.split!r}")
+    warn_if_prs_not_given(model.config.n_prs if model.config.prs_fusion != "none" else 0, prs, args.model)
     prefix = model.config.prs_tokens if model.config.prs_fusion == "prefix" else 0
     max_prompt = max(16, model.config.max_position_embeddings - prefix - args.max_new_tokens)
     data = inputs_at_prediction_times(meds, labels, tokenizer, standardizer if prs is not None else None, prs,
@@ -552,7 +564,8 @@ def run(args: argparse.Namespace) -> None:
         "boolean_value": np.asarray(data["boolean_value"], dtype=bool),
         "predicted_boolean_probability": scores.probability,
     })
-    write_predictions(frame, args.out)  # the one MEDS prediction schema every stage writes
+    # the one MEDS prediction schema every stage writes (a NaN probability is refused there)
+    write_predictions(frame, args.out, args.overwrite, source=f"--model {args.model}")
     if scores.truncated_paths:
         print(f"note: {scores.truncated_paths} of {len(prompts) * args.samples} paths reached --max-new-tokens "
               f"{args.max_new_tokens} before the horizon (their risk counts only what they generated)", file=sys.stderr)

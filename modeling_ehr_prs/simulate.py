@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir
+from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
 
 # ----------------------------------------------------------------------------- vocabulary
 TASKS = ("t2d", "stroke", "copd")
@@ -1095,12 +1095,14 @@ class SimulationSummary:
 
 def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_prs: int = 3481,
                     horizon_days: int = 730, shard_size: int = 5000, progress: bool = True,
-                    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
+                    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), overwrite: bool = False) -> dict:
     """Write a simulated All-of-Us-like cohort (MEDS, PRS, labels, truth) under `out`; return a summary dict.
 
     `split_fractions` (train, tuning, held_out) sum to 1; a larger held_out share gives tighter
-    confidence intervals when comparing models (the demo uses 0.6, 0.1, 0.3).
+    confidence intervals when comparing models (the demo uses 0.6, 0.1, 0.3). An existing `out`
+    is replaced only with `overwrite` (--overwrite).
     """
+    check_output(out, {}, overwrite)
     split_fractions = tuple(float(f) for f in split_fractions)
     if len(split_fractions) != 3 or min(split_fractions) <= 0 or abs(sum(split_fractions) - 1) > 1e-6:
         raise InputError(f"--split-fractions must be three positive numbers (train,tuning,held_out) summing to 1, "
@@ -1119,7 +1121,7 @@ def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_
     n_events, n_geno = 0, 0
     labels = {task: [] for task in TASKS}
     subjects = []
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         for s in SPLITS:
             (tmp / "meds" / "data" / s).mkdir(parents=True)
         for d in ("meds/metadata", "labels", "truth"):
@@ -1193,7 +1195,8 @@ def _write_labels(tmp: Path, labels: dict[str, list[dict]]) -> dict[str, dict[st
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    parser.add_argument("--out", required=True, help="output folder (written atomically; must not exist yet)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     parser.add_argument("--subjects", type=int, default=20_000, help="number of subjects (default 20000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> byte-identical files")
     parser.add_argument("--n-prs", type=int, default=3481, help="number of PRS columns PGS000001... (default 3481)")
@@ -1206,7 +1209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     summary = simulate_cohort(args.out, n_subjects=args.subjects, seed=args.seed, n_prs=args.n_prs,
                               horizon_days=args.horizon_days, shard_size=args.shard_size,
-                              split_fractions=_parse_fractions(args.split_fractions))
+                              split_fractions=_parse_fractions(args.split_fractions), overwrite=args.overwrite)
     print(format_summary(summary))
 
 

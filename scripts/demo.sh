@@ -32,19 +32,21 @@ FEWSHOT_LORA=${DEMO_FEWSHOT_LORA:-1}  # 0: few-shot curves without LoRA (most of
 PRESET=${DEMO_PRESET:-small}
 HORIZON=730
 REFIT_FILE="$OUT/models/none/incidence_t2d.safetensors"  # the T2D incidence refit every risk job reads
+# Every stage below writes into OUT, which this script owns: --overwrite lets a rerun replace the
+# outputs of the last run (ehr-prs refuses to replace an existing output without it).
 export TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
 START=$(date +%s)
 step() { printf '\n== [%4ds] %s\n' $(( $(date +%s) - START )) "$*"; }
 
 step "1/7 simulate an All-of-Us-like cohort of $SUBJECTS subjects (30% held out, for tight CIs)"
-ehr-prs simulate --out "$OUT/cohort" --subjects "$SUBJECTS" --n-prs "$N_PRS" --seed 0 --split-fractions 0.6,0.1,0.3
+ehr-prs simulate --overwrite --out "$OUT/cohort" --subjects "$SUBJECTS" --n-prs "$N_PRS" --seed 0 --split-fractions 0.6,0.1,0.3
 
 step "2/7 tokenize (vocabulary and value bins from the train split, PRS standardised within ancestry)"
-ehr-prs tokenize --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" --out "$OUT/tok" --max-length 512
+ehr-prs tokenize --overwrite --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" --out "$OUT/tok" --max-length 512
 
 step "3/7 pretrain the EHR-only model: $STEPS steps (preset $PRESET)"
-ehr-prs pretrain --data "$OUT/tok" --output-dir "$OUT/models/none" --preset "$PRESET" --prs-fusion none \
+ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/none" --preset "$PRESET" --prs-fusion none \
   --max-steps "$STEPS" --batch-size 16 --max-seq-length 512 --learning-rate 2e-3 --warmup-steps 50 \
   --eval-steps "$STEPS" --save-steps "$STEPS" --save-total-limit 1 --logging-steps 100 --max-eval-samples 512
 
@@ -86,7 +88,7 @@ join_jobs() {  # wait for every started job
 # exactly. Uncentred, the same 300 steps shifted everyone and cost 0.05 AUROC in non-genotyped rows.
 adapter() {  # adapter FUSION LEARNING_RATE [EXTRA FLAGS...]
   local fusion=$1 lr=$2; shift 2
-  ehr-prs pretrain --data "$OUT/tok" --output-dir "$OUT/models/$fusion" --init-from "$OUT/models/none" \
+  ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/$fusion" --init-from "$OUT/models/none" \
     --freeze-backbone --prs-fusion "$fusion" --max-steps "$ADAPTER_STEPS" --batch-size 16 --max-seq-length 512 \
     --learning-rate "$lr" --warmup-steps 30 --eval-steps "$ADAPTER_STEPS" --save-steps "$ADAPTER_STEPS" \
     --save-total-limit 1 --logging-steps 50 --max-eval-samples 512 "$@"
@@ -96,7 +98,7 @@ adapter() {  # adapter FUSION LEARNING_RATE [EXTRA FLAGS...]
 # solved from one forward pass over the training split (modeling_ehr_prs/prs_bias.py). Gradient
 # steps learn only 1/30-1/100 of the T2D effect in 300 steps (README, Results).
 logit_bias_fit() {
-  ehr-prs pretrain --data "$OUT/tok" --output-dir "$OUT/models/logit_bias" --init-from "$OUT/models/none" \
+  ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/logit_bias" --init-from "$OUT/models/none" \
     --freeze-backbone --prs-fusion logit_bias --batch-size 16 --max-seq-length 512 --max-eval-samples 512
 }
 # The incidence refit (modeling_ehr_prs/incidence.py): the frozen backbone's rate of a first T2D
@@ -107,7 +109,7 @@ logit_bias_fit() {
 # EHR-only one (+0.027). On 6,000 sequences it took under 3 minutes on one thread in the last run,
 # less than the logit-bias fit beside it.
 incidence_refit() {
-  ehr-prs incidence-refit --model "$OUT/models/none" --data "$OUT/tok" --codes 'ICD10CM/E11*' \
+  ehr-prs incidence-refit --overwrite --model "$OUT/models/none" --data "$OUT/tok" --codes 'ICD10CM/E11*' \
     --max-sequences "$REFIT_SEQUENCES" --out "$REFIT_FILE"
 }
 # Zero-shot risk, survival estimator: paths sampled with the T2D codes masked out, each weighted
@@ -118,7 +120,7 @@ incidence_refit() {
 # of the per-row variance (logit-bias AUROC 0.678 vs 0.638). Same labels and --seed for every model:
 # common random numbers, so their paired deltas measure the models, not the sampling noise.
 risk_t2d() {  # risk_t2d FUSION
-  ehr-prs risk --model "$OUT/models/$1" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
+  ehr-prs risk --overwrite --model "$OUT/models/$1" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
     --labels "$OUT/cohort/labels/t2d.parquet" --codes 'ICD10CM/E11*' --horizon-days "$HORIZON" \
     --method survival --samples "$SAMPLES" --split held_out --incidence-refit "$REFIT_FILE" \
     --out "$OUT/predictions/t2d_$1.parquet"
@@ -126,13 +128,13 @@ risk_t2d() {  # risk_t2d FUSION
 baselines() {
   local kind
   for kind in prs-lr counts-gbm counts-gbm-prs; do
-    ehr-prs baseline --kind "$kind" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
+    ehr-prs baseline --overwrite --kind "$kind" --meds "$OUT/cohort/meds" --prs "$OUT/cohort/prs.parquet" \
       --labels "$OUT/cohort/labels/t2d.parquet" --split held_out --threads 1 --out "$OUT/predictions/t2d_$kind.parquet"
   done
   # A second ceiling beside the true risk: a logistic regression told the simulator's T2D risk
   # factors and its T2D PRS columns, fitted on the same train labels. The true risk reads the latent
   # state; this reads the record, which shows that state only at noisy, occasional measurements.
-  ehr-prs record-ceiling --cohort "$OUT/cohort" --task t2d --out "$OUT/predictions/t2d_oracle-lr.parquet"
+  ehr-prs record-ceiling --overwrite --cohort "$OUT/cohort" --task t2d --out "$OUT/predictions/t2d_oracle-lr.parquet"
 }
 
 step "4/7 genomic adapters on the frozen EHR-only model: prefix and cross-attention, $ADAPTER_STEPS steps each"
@@ -167,7 +169,7 @@ step "6/7 evaluate against the EHR-only model, with the simulator's true risk an
 # PRS alignment plot: the first score that carries T2D liability in the simulator.
 T2D_PRS=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['traits']['t2d']['columns'][0])" \
   "$OUT/cohort/truth/prs_traits.json")
-ehr-prs evaluate --out "$OUT/report" --reference "EHR-only" \
+ehr-prs evaluate --overwrite --out "$OUT/report" --reference "EHR-only" \
   --predictions "EHR-only=$OUT/predictions/t2d_none.parquet" \
                 "EHR+PRS prefix=$OUT/predictions/t2d_prefix.parquet" \
                 "EHR+PRS cross-attention=$OUT/predictions/t2d_cross_attention.parquet" \
@@ -188,12 +190,12 @@ transfer() {  # transfer TASK
   # "all" (every train label, one fit); LoRA (minutes per fit on a CPU) once at K = 8, 32, 128.
   # Its K = 128 fit is exactly `ehr-prs finetune --method lora --shots 128` (same draw, same seed),
   # which would also save the PEFT adapter for `ehr-prs predict` (see README).
-  ehr-prs fewshot --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --out "$OUT/fewshot/$task" \
+  ehr-prs fewshot --overwrite --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --out "$OUT/fewshot/$task" \
     --methods $METHODS --shots 8 32 128 all --seeds 3 --seeds-all 1 --lora-shots 8 32 128 --lora-seeds 1
-  ehr-prs record-ceiling --cohort "$OUT/cohort" --task "$task" --out "$OUT/fewshot/$task/predictions/oracle_lr.parquet"
+  ehr-prs record-ceiling --overwrite --cohort "$OUT/cohort" --task "$task" --out "$OUT/fewshot/$task/predictions/oracle_lr.parquet"
   local lora=()
   if [ "$FEWSHOT_LORA" = 1 ]; then lora=("LoRA K128=$OUT/fewshot/$task/predictions/lora_k128_seed0.parquet"); fi
-  ehr-prs evaluate --out "$OUT/report_$task" --reference "GBM counts+PRS" \
+  ehr-prs evaluate --overwrite --out "$OUT/report_$task" --reference "GBM counts+PRS" \
     --predictions ${lora[@]+"${lora[@]}"} \
                   "Linear probe=$OUT/fewshot/$task/predictions/probe_kall_seed0.parquet" \
                   "GBM counts+PRS=$OUT/fewshot/$task/predictions/gbm_kall_seed0.parquet" \

@@ -147,8 +147,9 @@ def test_one_class_labels(small):
 def test_labels_for_absent_subjects(small):
     tmp, root = small
     labels = _write_labels(tmp / "l.parquet", [(1, PT, True), (2, PT, False), (77, PT, True)])
-    with pytest.raises(InputError, match=r"1 label row\(s\) .*absent.*subject 77"):
-        B.run_baseline("counts-gbm", root, labels, threads=1)
+    # the shared label policy (tests/test_input_policy.py): refused under --strict-labels, else dropped
+    with pytest.raises(InputError, match=r"1 of 3 label row\(s\) cannot be scored: 1 whose subject has no events.*e\.g\. 77"):
+        B.run_baseline("counts-gbm", root, labels, threads=1, strict_labels=True)
 
 
 @pytest.mark.parametrize("kind", ["prs-lr", "counts-gbm-prs"])

@@ -208,8 +208,10 @@ def test_model_lacking_rows(tmp_path):
     y, s = _data(50)
     a = _write_preds(tmp_path / "a.parquet", y, s)
     b = _write_preds(tmp_path / "b.parquet", y[:45], s[:45])
-    with pytest.raises(InputError, match=r"model 'b'\) lacks 5 of the 50"):
-        E.load_predictions({"a": a, "b": b})
+    # the shared label policy (tests/test_input_policy.py): refused under --strict-labels, else the common rows
+    with pytest.raises(InputError, match=r"of the 50 .* rows in the prediction files, .*\(model 'b'\) lacks 5"):
+        E.load_predictions({"a": a, "b": b}, strict=True)
+    assert E.load_predictions({"a": a, "b": b}).height == 45
 
 
 def test_bad_specs_and_probabilities(tmp_path):

@@ -325,7 +325,7 @@ def test_bad_adapters_and_flag_combinations_are_refused(art, tmp_path):
     with pytest.raises(InputError, match="repo-id"):
         hub.build_upload_folder(art["model"], tmp_path / "o5", repo_id="no-namespace")
     # The output folder may not be the model itself, nor someone's folder with other contents.
-    with pytest.raises(InputError, match="overlaps"):
+    with pytest.raises(InputError, match="lies inside the --model input"):
         hub.build_upload_folder(art["model"], art["model"] / "upload", repo_id=REPO_ID)
     busy = tmp_path / "busy"
     busy.mkdir()
@@ -345,7 +345,9 @@ def test_cli_dry_run_and_clear_errors_without_a_token(art, folders, tmp_path, mo
     printed = capsys.readouterr().out
     assert "would upload 11 files" in printed and "(gated, manual approval)" in printed
     assert f"wrote {out}" in printed and (out / "README.md").is_file()
-    assert cli.main([*argv, "--dry-run", str(out)]) == 0, "a folder written by push may be rebuilt"
+    assert cli.main([*argv, "--dry-run", str(out)]) == 2, "an existing folder is replaced only with --overwrite"
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert cli.main([*argv, "--dry-run", str(out), "--overwrite"]) == 0, "a folder written by push may be rebuilt"
 
     # No token: a clear error after the folder is built, naming the fix; nothing reaches the network.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -333,7 +333,8 @@ def test_risk_cli_labels_for_absent_subjects_and_missing_standardiser(pipeline, 
         frame.filter(pl.col("subject_id") != ghost).write_parquet(f)
     args = ["--model", pipeline / "model", "--meds", meds, "--prs", c / "prs.parquet", "--labels",
             c / "labels" / "t2d.parquet", "--codes", "ICD10CM/E11*", "--horizon-days", 365, "--samples", 2,
-            "--out", tmp_path / "p.parquet"]
+            "--out", tmp_path / "p.parquet", "--strict-labels"]
+    # the shared label policy (tests/test_input_policy.py): refused under --strict-labels, else dropped
     assert cli(*args) == 2
     assert str(ghost) in capsys.readouterr().err
 

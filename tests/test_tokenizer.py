@@ -260,7 +260,7 @@ def test_bad_inputs(cohort, tmp_path):
     other = pl.read_parquet(root / "prs.parquet").rename({"PGS000004": "PGS000099"})
     other.write_parquet(tmp_path / "other.parquet")
     std = PrsStandardizer.load(root / "out" / "tokenizer")
-    with pytest.raises(InputError, match="PGS000099"):
+    with pytest.raises(InputError, match="lacks 1 of the 4 score columns .*: PGS000004"):
         inputs_at_prediction_times(meds, pl.DataFrame({"subject_id": [51], "prediction_time": [dt.datetime(2020, 1, 1)]}),
                                    tok, std, read_prs_table(tmp_path / "other.parquet"))
     # a tokenizer folder from another format version

@@ -23,7 +23,7 @@ import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir
+from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
 from modeling_ehr_prs.readers import KNOWN_SPLITS, MedsDataset, PrsTable, read_meds_dataset, read_prs_table
 from tokenizer.encode import EncodeTables, encode_events, tables_from_tokenizer
 from tokenizer.prs_standardizer import PrsStandardizer
@@ -138,13 +138,16 @@ def build(
     prs_group_column: str | None = "auto",
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Fit the tokenizer and PRS standardiser on train and write OUT as the tokenize contract says.
 
     `prs_group_column="auto"` standardises within `ancestry` when the PRS table has that column.
-    Returns the summary also written to OUT/tokenize_summary.json.
+    Returns the summary also written to OUT/tokenize_summary.json. An existing OUT is replaced only
+    with `overwrite`, and never when it is, holds or lies inside the MEDS folder or the PRS table.
     """
     t0 = time.perf_counter()
+    check_output(out, {"--meds": meds_root, "--prs": prs_path}, overwrite)
     if max_length < 8:
         raise InputError(f"--max-length {max_length} is too short; use at least 8 tokens (2048 is the default).")
     if min_subjects < 1:
@@ -176,7 +179,8 @@ def build(
     tok = EhrTokenizer(state=state)
     if prs is not None:
         standardizer = PrsStandardizer.fit(
-            prs.frame, prs.score_columns, _train_subject_ids(meds), prs_group_column, min_group_subjects=min_subjects
+            prs.frame, prs.score_columns, _train_subject_ids(meds), prs_group_column, min_group_subjects=min_subjects,
+            source=str(prs.path),
         )
     else:
         standardizer = PrsStandardizer.empty()
@@ -184,7 +188,7 @@ def build(
 
     split_stats: dict[str, dict] = {}
     split_seconds: dict[str, float] = {}
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         tok.save_pretrained(str(tmp / TOKENIZER_DIR))
         standardizer.save(tmp / TOKENIZER_DIR)
         work = tmp / ".work"

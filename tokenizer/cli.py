@@ -10,6 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meds", required=True, help="root of a MEDS 0.4 dataset (data/, metadata/)")
     parser.add_argument("--prs", default=None, help="wide PRS table (parquet/CSV); omit for an EHR-only dataset")
     parser.add_argument("--out", required=True, help="output folder: tokenizer/, train/, tuning/, held_out/")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder (never one that is, holds or lies inside --meds/--prs)")
     parser.add_argument("--min-subjects", type=int, default=20,
                         help="a code enters the vocabulary only if seen in this many train subjects (default 20)")
     parser.add_argument("--max-length", type=int, default=2048,
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> None:
     summary = build(
         args.meds, args.out, prs_path=args.prs, min_subjects=args.min_subjects, max_length=args.max_length,
         n_bins=args.value_bins, min_values=args.min_values, prs_group_column=group, rows_per_chunk=args.rows_per_chunk,
+        overwrite=args.overwrite,
     )
     brief = {k: summary[k] for k in ("codes_in_vocab", "codes_dropped_min_subjects", "vocab_size", "n_prs")}
     brief["tokens"] = {s: v["tokens"] for s, v in summary["splits"].items()}

@@ -20,7 +20,7 @@ import polars as pl
 import pyarrow as pa
 
 from tokenizer.time_tokens import DAYS_PER_YEAR, MAX_GAP_DAYS, age_bin_index, age_tokens, gap_lookup
-from tokenizer.tokenization_ehr import BOS, UNK, UNK_SUFFIX, EhrTokenizer
+from tokenizer.tokenization_ehr import BOS, PREFIX_PATTERN, UNK, UNK_SUFFIX, EhrTokenizer
 
 BIRTH_CODE = "MEDS_BIRTH"
 US_PER_DAY = 86_400_000_000
@@ -137,7 +137,7 @@ def encode_events(
     if n_unknown:
         # Only unknown rows pay for the prefix lookup (`ICD10CM/<unk>`, else `<unk>`).
         prefix_id = (
-            pl.col("code").str.extract(r"^([^/]+)/", 1)
+            pl.col("code").str.extract(PREFIX_PATTERN, 1)
             .replace_strict(tables.prefix_ids, default=tables.unk_id, return_dtype=pl.Int32)
         )
         rest = rest.with_columns(pl.when(unknown).then(prefix_id).otherwise(pl.col("code_id")).alias("code_id"))

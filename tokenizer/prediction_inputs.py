@@ -4,6 +4,11 @@ Used by the risk engine, the baselines and fine-tuning, so that the no-leakage r
 one place: an event reaches a label row's `input_ids` only if its time is null (a static fact)
 or `time <= prediction_time`. Sequences are built by the same encoder as pretraining data
 (tokenizer/encode.py), so a prompt looks exactly like a training history cut at that time.
+
+Which label rows get here is decided before, by `modeling_ehr_prs.readers.select_label_rows`
+(the one label policy of every command). This module adds the warnings about the inputs
+themselves: PRS scores that are missing, a model that reads PRS run without them, and
+histories whose codes the tokenizer mostly does not know.
 """
 
 from __future__ import annotations
@@ -14,11 +19,21 @@ import polars as pl
 import pyarrow as pa
 
 from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.readers import MedsDataset, PrsTable
+from modeling_ehr_prs.readers import MedsDataset, PrsTable, warn
 from tokenizer.build import DEFAULT_ROWS_PER_CHUNK, iter_chunks, rows_table
-from tokenizer.encode import encode_events, tables_from_tokenizer
+from tokenizer.encode import BIRTH_CODE, encode_events, tables_from_tokenizer
 from tokenizer.prs_standardizer import PrsStandardizer
 from tokenizer.tokenization_ehr import EhrTokenizer
+
+# Above this share of events with codes unknown to the tokenizer, the model is warned to be on foreign data.
+UNKNOWN_CODE_WARNING = 0.5
+
+
+def warn_if_prs_not_given(n_prs_read: int, prs: PrsTable | None, model_dir: str) -> None:
+    """One warning when a model that reads PRS (`n_prs_read` > 0) is run without --prs."""
+    if n_prs_read and prs is None:
+        warn(f"--model {model_dir} was trained with {n_prs_read} PRS columns but no --prs was given: every subject "
+             f"counts as not genotyped (the model's learned 'no genotype' input); pass --prs FILE to use the scores.")
 
 
 def inputs_at_prediction_times(
@@ -38,15 +53,18 @@ def inputs_at_prediction_times(
     longer than `max_length`, default the tokenizer's model_max_length), prs (float16 [n_prs],
     zeros where not genotyped), prs_mask, subject_id, prediction_time, boolean_value, length.
     `split` limits the search to one split's shards (faster); a label whose subject is not in
-    the searched data raises InputError naming the subject. If `stats` is a dict it receives
-    the counts (events, unknown_events, tokens, truncated).
+    the searched data raises InputError naming the subject (commands drop such rows first with
+    `select_label_rows`). PRS columns are matched by name. Warns (one line each) when PRS scores
+    of genotyped subjects are missing and when more than UNKNOWN_CODE_WARNING of the events
+    have codes the tokenizer does not know. If `stats` is a dict it receives the counts (events,
+    unknown_events, tokens, truncated, rows, genotyped, imputed_prs_cells).
     """
     if prs is not None and standardizer is None:
         raise InputError("a PRS table was given without the PRS standardiser fitted at tokenize time "
                          "(PrsStandardizer.load(tokenizer_dir)).")
     standardizer = standardizer or PrsStandardizer.empty()
     if prs is not None:
-        standardizer.check_columns(prs.score_columns, str(prs.path))
+        standardizer.check_columns(prs.score_columns, str(prs.path), prs.frame.columns)
     max_length = int(max_length or tokenizer.model_max_length)
     tables = tables_from_tokenizer(tokenizer)
     cols = ["subject_id", "prediction_time", "boolean_value"]
@@ -64,6 +82,7 @@ def inputs_at_prediction_times(
     parts: list[pl.DataFrame] = []
     found: list[pl.Series] = []
     counts = {"events": 0, "unknown_events": 0, "tokens": 0, "truncated": 0}
+    unknown_codes: list[str] = []  # a few examples for the warning
     for s in [split] if split else meds.splits:
         if s not in meds.shards:
             raise InputError(f"{meds.root}: no split {s!r}; this MEDS dataset has {meds.splits}.")
@@ -83,6 +102,9 @@ def inputs_at_prediction_times(
             )
             for k in counts:
                 counts[k] += s_counts[k]
+            if s_counts["unknown_events"] and len(unknown_codes) < 3:
+                codes = events.select(pl.col("code").unique().sort()).filter(pl.col("code") != BIRTH_CODE)
+                unknown_codes += codes.join(tables.codes, on="code", how="anti")["code"].head(3).to_list()
             parts.append(rows.join(encoded, on="label_row", how="left"))
 
     present = pl.concat(found).unique() if found else pl.Series("subject_id", [], dtype=pl.Int64)
@@ -101,7 +123,16 @@ def inputs_at_prediction_times(
         pl.col("input_ids").fill_null(pl.lit([tables.bos_id], dtype=pl.List(pl.Int32))),
         pl.col("length").fill_null(1).cast(pl.Int32),
     )
-    prs_z, mask = standardizer.transform(prs.frame if prs else None, frame.get_column("subject_id"))
+    if counts["events"] and counts["unknown_events"] > UNKNOWN_CODE_WARNING * counts["events"]:
+        examples = ", ".join(dict.fromkeys(unknown_codes[:3]))
+        warn(f"{meds.root}: {counts['unknown_events'] / counts['events']:.0%} of the {counts['events']} events in these "
+             f"histories have codes the model's tokenizer does not know (e.g. {examples}): the model was trained on "
+             f"other data or another coding, and its predictions rest on the few codes it knows.")
+    prs_stats: dict = {}
+    prs_z, mask = standardizer.transform(prs.frame if prs else None, frame.get_column("subject_id"), prs_stats)
+    note = standardizer.missing_note(prs_stats, str(prs.path)) if prs is not None else None
+    if note:
+        warn(note)
     table = rows_table(
         frame, prs_z, mask,
         extra={
@@ -110,5 +141,6 @@ def inputs_at_prediction_times(
         },
     )
     if stats is not None:
-        stats.update(counts, rows=frame.height, genotyped=int(np.count_nonzero(mask)))
+        stats.update(counts, rows=frame.height, genotyped=int(np.count_nonzero(mask)),
+                     imputed_prs_cells=prs_stats.get("imputed_cells", 0))
     return datasets.Dataset(table)

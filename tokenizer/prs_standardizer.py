@@ -5,8 +5,11 @@ z-scores. Statistics come from the training split only (optionally within groups
 column such as `ancestry`; a group with fewer than `min_group_subjects` genotyped training
 subjects, or unseen at fit time, uses the pooled statistics). A subject is genotyped when it
 has a row with at least one score; a missing single score inside a genotyped row becomes 0
-(its group's mean). A subject that is not genotyped gets `prs_mask` False and an all-zero
-vector that the model must never read as a person of average risk.
+(its group's training mean). A subject that is not genotyped gets `prs_mask` False and an
+all-zero vector that the model must never read as a person of average risk. A column with
+fewer than two distinct training values (all missing, or constant) carries no information: it
+is 0 for everyone. Missing cells and such columns are reported (one warning line) when the
+standardiser is fitted and when it is applied; columns are matched by name, in any order.
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ import numpy as np
 import polars as pl
 
 from modeling_ehr_prs.errors import InputError
+from modeling_ehr_prs.readers import warn
 
 FILE_NAME = "prs_standardizer.json"
 FORMAT_NAME = "ehr-prs-prs-standardizer"
 FORMAT_VERSION = 1
 POOLED = "__pooled__"
+
+
+def _names(columns: list[str], n: int = 5) -> str:
+    return ", ".join(columns[:n]) + (f", ... ({len(columns)} in all)" if len(columns) > n else "")
 
 
 def _moments(frame: pl.DataFrame, columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +58,11 @@ class PrsStandardizer:
         group_column: str | None = None,
         groups: dict[str, dict[str, list[float]]] | None = None,
         min_group_subjects: int = 20,
+        uninformative: list[str] | None = None,
     ):
         self.columns = list(columns)
+        # Columns without two distinct training values: standardised to 0 for everyone.
+        self.uninformative = [c for c in (uninformative or []) if c in set(columns)]
         self.mean = np.asarray(mean, dtype=np.float64)
         self.std = np.asarray(std, dtype=np.float64)
         self.group_column = group_column
@@ -75,8 +86,13 @@ class PrsStandardizer:
         train_subject_ids: pl.Series | None = None,
         group_column: str | None = None,
         min_group_subjects: int = 20,
+        source: str = "PRS table",
     ) -> PrsStandardizer:
-        """Fit on the genotyped rows of `frame` whose subject is in `train_subject_ids`."""
+        """Fit on the genotyped rows of `frame` whose subject is in `train_subject_ids`.
+
+        Missing cells of genotyped training subjects and columns without information (all missing
+        or constant) are reported in one warning line naming `source`.
+        """
         if group_column is not None and group_column not in frame.columns:
             raise InputError(
                 f"PRS table has no column {group_column!r} to standardise within; columns include "
@@ -92,6 +108,8 @@ class PrsStandardizer:
                 f"(subjects in the train split with at least one score)."
             )
         mean, std = _moments(rows, columns)
+        uninformative = [c for c, sd in zip(columns, std) if not (np.isfinite(sd) and sd > 0)]
+        _report_fit(rows, columns, uninformative, source)
         mean = np.nan_to_num(mean, nan=0.0)
         std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
         groups: dict[str, dict[str, list[float]]] = {}
@@ -104,32 +122,54 @@ class PrsStandardizer:
                 gm = np.where(np.isfinite(gm), gm, mean)
                 gs = np.where(np.isfinite(gs) & (gs > 0), gs, std)
                 groups[str(g)] = {"mean": gm.tolist(), "std": gs.tolist()}
-        return cls(columns, mean.tolist(), std.tolist(), group_column, groups, min_group_subjects)
+        return cls(columns, mean.tolist(), std.tolist(), group_column, groups, min_group_subjects, uninformative)
 
-    def check_columns(self, columns: list[str], source: str = "PRS table") -> None:
-        """InputError unless `columns` are exactly the fitted score columns, in order."""
-        if list(columns) == self.columns:
-            return
-        missing = [c for c in self.columns if c not in set(columns)]
-        extra = [c for c in columns if c not in set(self.columns)]
-        detail = (f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}; " if missing else "") + (
-            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}" if extra else "same columns in another order"
-        )
-        raise InputError(
-            f"{source}: score columns differ from the ones the PRS standardiser was fitted on "
-            f"({self.n_prs} columns, {self.columns[:3]}...): {detail}. Use a PRS table with the same score columns."
-        )
+    def check_columns(self, columns: list[str], source: str = "PRS table", other_columns: list[str] | None = None) -> None:
+        """Columns are matched by name, in any order: InputError naming the fitted columns `columns` lacks.
 
-    def transform(self, frame: pl.DataFrame | None, subject_ids: np.ndarray | pl.Series) -> tuple[np.ndarray, np.ndarray]:
-        """Standardised scores for `subject_ids`, in that order.
+        Extra score columns are ignored, with one note. `other_columns` (the table's non-score
+        columns) must hold the group column when the standardiser was fitted within groups.
+        """
+        if other_columns is not None:
+            self._check_group_column(other_columns, source)
+        have = set(columns)
+        missing = [c for c in self.columns if c not in have]
+        if missing:
+            raise InputError(
+                f"{source}: lacks {len(missing)} of the {self.n_prs} score columns the model's PRS standardiser was "
+                f"fitted on: {_names(missing)}. Give a PRS table with all of them (any order; extra columns are ignored)."
+            )
+        fitted = set(self.columns)
+        extra = [c for c in columns if c not in fitted]
+        if extra:
+            warn(f"{source}: ignoring {len(extra)} score column(s) the model was not trained on ({_names(extra)}); "
+                 f"using its {self.n_prs} columns, matched by name.")
 
-        Returns prs float16 [n, n_prs] (zeros where not genotyped) and prs_mask bool [n].
+    def _check_group_column(self, columns: list[str], source: str) -> None:
+        if self.group_column and self.groups and self.group_column not in set(columns):
+            raise InputError(
+                f"{source}: has no column {self.group_column!r}, but the model's PRS standardiser standardises within "
+                f"{self.group_column} groups ({_names(list(self.groups), 4)}). Add the column; a subject whose "
+                f"{self.group_column} is empty or another value gets the pooled statistics."
+            )
+
+    def transform(self, frame: pl.DataFrame | None, subject_ids: np.ndarray | pl.Series,
+                  stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Standardised scores for `subject_ids`, in that order; columns are read by name.
+
+        Returns prs float16 [n, n_prs] (zeros where not genotyped) and prs_mask bool [n]. If `stats`
+        is a dict it receives rows, genotyped, imputed_cells (missing scores of genotyped rows, set to
+        the training mean), imputed_rows, empty_columns (no value in any genotyped row here) and
+        example (a subject and column with a missing score); see `missing_note`.
         """
         ids = pl.DataFrame({"subject_id": pl.Series(subject_ids, dtype=pl.Int64)})
         n = ids.height
         if frame is None or not self.columns:
+            if stats is not None:
+                stats.update(rows=n, genotyped=0, imputed_cells=0, imputed_rows=0, empty_columns=[], example=None)
             return np.zeros((n, self.n_prs), dtype=np.float16), np.zeros(n, dtype=bool)
-        keep = ["subject_id", *self.columns] + ([self.group_column] if self.group_column else [])
+        self._check_group_column(frame.columns, "PRS table")
+        keep = ["subject_id", *self.columns] + ([self.group_column] if self.group_column and self.groups else [])
         rows = ids.join(frame.select(keep), on="subject_id", how="left", maintain_order="left")
         x = rows.select(pl.col(self.columns).cast(pl.Float64)).to_numpy()  # [n, n_prs], NaN = missing
         missing = np.isnan(x)
@@ -145,7 +185,28 @@ class PrsStandardizer:
         z = (x - means[gi]) / stds[gi]
         z[missing] = 0.0
         z[~mask] = 0.0
+        if self.uninformative:
+            z[:, [self.columns.index(c) for c in self.uninformative]] = 0.0
+        if stats is not None:
+            holes = missing & mask[:, None]  # [n, n_prs] missing scores of genotyped rows
+            r, c = np.nonzero(holes)
+            empty = [self.columns[j] for j in np.flatnonzero(holes[mask].all(axis=0))] if mask.any() else []
+            stats.update(rows=n, genotyped=int(mask.sum()), imputed_cells=int(holes.sum()),
+                         imputed_rows=int(holes.any(axis=1).sum()), empty_columns=empty,
+                         example=(int(ids["subject_id"][int(r[0])]), self.columns[int(c[0])]) if r.size else None)
         return np.clip(z, -60000, 60000).astype(np.float16), mask
+
+    def missing_note(self, stats: dict, source: str = "PRS table") -> str | None:
+        """The warning line for missing scores found by `transform(..., stats)`, or None when there are none."""
+        if not stats.get("imputed_cells"):
+            return None
+        sid, col = stats["example"]
+        empty = (f"; {len(stats['empty_columns'])} column(s) have no value for any genotyped subject here "
+                 f"({_names(stats['empty_columns'])})") if stats["empty_columns"] else ""
+        return (f"{source}: {stats['imputed_cells']} missing score(s) in {stats['imputed_rows']} of the "
+                f"{stats['genotyped']} genotyped subject row(s) (e.g. subject {sid}, {col}) take the training mean "
+                f"(z = 0){empty}; {stats['rows'] - stats['genotyped']} of {stats['rows']} row(s) have no score at all "
+                f"and count as not genotyped.")
 
     # -- JSON state ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -159,6 +220,7 @@ class PrsStandardizer:
             "group_column": self.group_column,
             "groups": self.groups,
             "min_group_subjects": self.min_group_subjects,
+            "uninformative_columns": self.uninformative,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -189,6 +251,30 @@ class PrsStandardizer:
             )
         if len(d["columns"]) != d["n_prs"] or len(d["mean"]) != d["n_prs"] or len(d["std"]) != d["n_prs"]:
             raise InputError(f"{path}: n_prs, columns, mean and std lengths disagree; the file is damaged.")
-        return cls(d["columns"], d["mean"], d["std"], d.get("group_column"), d.get("groups"), d.get("min_group_subjects", 20))
+        return cls(d["columns"], d["mean"], d["std"], d.get("group_column"), d.get("groups"), d.get("min_group_subjects", 20),
+                   d.get("uninformative_columns"))
 
     from_pretrained = load
+
+
+def _report_fit(rows: pl.DataFrame, columns: list[str], uninformative: list[str], source: str) -> None:
+    """Warn (one line) about missing cells of genotyped training subjects and columns without information."""
+    if not columns:
+        return
+    nulls = rows.select(pl.col(columns).is_null().sum()).row(0)
+    cells = int(sum(nulls))
+    all_missing = [c for c, k in zip(columns, nulls) if k == rows.height]
+    constant = [c for c in uninformative if c not in set(all_missing)]
+    parts = []
+    holes = cells - len(all_missing) * rows.height
+    if holes:
+        subjects = rows.filter(pl.any_horizontal(pl.col([c for c in columns if c not in set(all_missing)]).is_null())).height
+        parts.append(f"{holes} score cell(s) of {subjects} genotyped train subject(s) are missing "
+                     f"({holes / (rows.height * len(columns)):.2%} of cells) and take the training mean (z = 0)")
+    if uninformative:
+        kinds = ([f"all missing: {_names(all_missing)}"] if all_missing else []) + (
+            [f"constant: {_names(constant)}"] if constant else [])
+        parts.append(f"{len(uninformative)} of {len(columns)} score column(s) carry no information on the "
+                     f"{rows.height} genotyped train subjects ({'; '.join(kinds)}) and are 0 for everyone")
+    if parts:
+        warn(f"{source}: " + "; ".join(parts) + "; subjects with no score at all count as not genotyped.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 
 from transformers import PreTrainedTokenizer
 
@@ -35,10 +36,22 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
 UNK_SUFFIX = "/<unk>"
 
 
+# A code's vocabulary prefix: an identifier (a letter, then letters, digits, `_`, `-`, `.`) before
+# its first '/': `ICD10CM` of `ICD10CM/E11.9`, `LAB` of MIMIC's `LAB//220045//bpm`. Text that only
+# contains a '/' (`BMI (kg/m2)`, from MIMIC-IV's OMR table) has none, so an unseen code of that kind
+# maps to `<unk>` instead of minting odd tokens such as `BMI (kg/<unk>`. tokenizer.vocab and
+# tokenizer.encode use the same pattern (as a polars regex), so all three agree.
+PREFIX_PATTERN = r"^([A-Za-z][A-Za-z0-9_.\-]*)/"
+_PREFIX_RE = re.compile(PREFIX_PATTERN)
+
+
 def code_prefix(code: str) -> str | None:
-    """The vocabulary prefix of a code (`ICD10CM` for `ICD10CM/E11.9`), None when it has no `/`."""
-    i = code.find("/")
-    return code[:i] if i > 0 else None
+    """The vocabulary prefix of a code (`ICD10CM` for `ICD10CM/E11.9`), None when it has none.
+
+    Only an identifier before the first '/' counts (see PREFIX_PATTERN): `BMI (kg/m2)` has no prefix.
+    """
+    m = _PREFIX_RE.match(code)
+    return m.group(1) if m else None
 
 
 def read_state(path: str) -> dict:
@@ -98,6 +111,9 @@ class EhrTokenizer(PreTrainedTokenizer):
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         out: list[str] = []
         for line in text.split("\n"):
+            if line in self._ids:  # a code exactly as in the data, edge spaces included (`LAB//51498// `)
+                out.append(line)
+                continue
             line = line.strip()
             if not line:
                 continue

@@ -14,9 +14,10 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
+from modeling_ehr_prs.errors import InputError
 from tokenizer.encode import BIRTH_CODE
 from tokenizer.time_tokens import age_tokens, default_time_scheme
-from tokenizer.tokenization_ehr import FORMAT_NAME, FORMAT_VERSION, SPECIAL_TOKENS, UNK_SUFFIX, code_prefix
+from tokenizer.tokenization_ehr import FORMAT_NAME, FORMAT_VERSION, PREFIX_PATTERN, SPECIAL_TOKENS, UNK_SUFFIX
 
 
 class VocabularyCounter:
@@ -45,7 +46,7 @@ class VocabularyCounter:
             pl.len().cast(pl.Int64).alias("n_values"),
         )
         counts = counts.join(value_counts, on="code", how="left").fill_null(0)
-        code_prefix = counts.select("code", pl.col("code").str.extract(r"^([^/]+)/", 1).alias("prefix")).drop_nulls()
+        code_prefix = counts.select("code", pl.col("code").str.extract(PREFIX_PATTERN, 1).alias("prefix")).drop_nulls()
         prefixes = (
             pairs.join(code_prefix, on="code").select("subject_id", "prefix").unique()
             .group_by("prefix").agg(pl.len().cast(pl.Int64).alias("n_subjects"))
@@ -74,6 +75,17 @@ class VocabularyCounter:
             raise ValueError("no training events seen")
         counts = self._counts.filter(pl.col("code") != BIRTH_CODE)
         kept = counts.filter(pl.col("n_subjects") >= min_subjects).sort("code")
+        if kept.height == 0:
+            # An empty vocabulary would tokenize every event as <unk>: refuse, and say what would work.
+            top = counts.sort(["n_subjects", "code"], descending=[True, False]).head(1)
+            if top.height == 0:
+                raise InputError("the train split has no codes other than MEDS_BIRTH; the vocabulary cannot be fitted.")
+            best, code = int(top["n_subjects"][0]), top["code"][0]
+            raise InputError(
+                f"--min-subjects {min_subjects}: no code is seen in that many of the {self.n_subjects} train subjects, "
+                f"so the vocabulary would be empty; the most widespread code ({code}) is in {best}. "
+                f"Use --min-subjects {best} or lower."
+            )
         codes = kept.get_column("code").to_list()
         binned = kept.filter((pl.col("n_values") >= min_values) & (pl.col("n_value_subjects") >= min_subjects))
         edges: dict[str, list[float]] = {}
