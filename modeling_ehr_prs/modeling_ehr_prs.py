@@ -665,6 +665,28 @@ def self_attention_mask(key_valid: torch.Tensor | None, q_len: int, kv_len: int,
     return allowed[:, None], False
 
 
+def tte_pairs(positions: torch.Tensor, first_index: torch.Tensor, days: torch.Tensor,
+              last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Time-to-event pairs of a batch: (time in days, event, at risk), each (b, P, F).
+
+    positions (b, P) token indices (-1 = padding); first_index (b, F) each family's first index in
+    the row (>= s: never); days (b, s) days elapsed at each token; last (b,) the last real index.
+    A family is at risk at a position when it has not occurred at or before it; its time runs to
+    its first occurrence (event) or to the last real token (censored).
+    """
+    s = days.shape[1]
+    valid = positions >= 0  # (b, P)
+    pos = positions.clamp(min=0)
+    pos_day = days.gather(1, pos)  # (b, P)
+    end_day = days.gather(1, last[:, None])  # (b, 1)
+    occurs = first_index < s  # (b, F)
+    event_day = days.gather(1, first_index.clamp(max=s - 1))  # (b, F)
+    at_risk = valid[:, :, None] & (first_index[:, None, :] > pos[:, :, None])  # (b, P, F)
+    event = at_risk & occurs[:, None, :]
+    time_days = torch.where(event, event_day[:, None, :], end_day[:, :, None]) - pos_day[:, :, None]
+    return time_days, event, at_risk
+
+
 @dataclass
 class EhrPrsCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the two parts of the pretraining loss (when computed)."""
@@ -785,21 +807,13 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         b, s, _ = hidden_states.shape
         device = hidden_states.device
         positions, first_index, days = positions.to(device), first_index.to(device), days.to(device).float()
-        valid = positions >= 0  # (b, P)
-        pos = positions.clamp(min=0)
-        rows = torch.arange(b, device=device)[:, None]
-        h = hidden_states[rows, pos]  # (b, P, d)
         if attention_mask is not None:
             last = attention_mask.to(device).long().sum(-1).clamp(min=1) - 1  # (b,) right padding
         else:
             last = torch.full((b,), s - 1, device=device, dtype=torch.long)
-        pos_day = days.gather(1, pos)  # (b, P)
-        end_day = days.gather(1, last[:, None])  # (b, 1)
-        occurs = first_index < s  # (b, F)
-        event_day = days.gather(1, first_index.clamp(max=s - 1))  # (b, F)
-        at_risk = valid[:, :, None] & (first_index[:, None, :] > pos[:, :, None])  # (b, P, F)
-        event = at_risk & occurs[:, None, :]
-        time_days = torch.where(event, event_day[:, None, :], end_day[:, :, None]) - pos_day[:, :, None]  # (b, P, F)
+        time_days, event, at_risk = tte_pairs(positions, first_index, days, last)  # (b, P, F) each
+        pos = positions.clamp(min=0)
+        h = hidden_states[torch.arange(b, device=device)[:, None], pos]  # (b, P, d)
         shift = None
         if self.tte_head.hazard_shift is not None:
             shift = self.tte_head.hazard_shift(prs, prs_mask, b)  # (b, F)
