@@ -108,12 +108,19 @@ def incidence_stats(model, rows, token_family: np.ndarray, n_families: int, star
     return np.nan_to_num(S), n, E
 
 
+ETA_CAP = 500.0  # exp(500) ~ 1e217: finite in float64
+
+
 def poisson_nll(W: torch.Tensor, S: torch.Tensor, n: torch.Tensor, E: torch.Tensor,
                 intercept: torch.Tensor | None = None) -> torch.Tensor:
     """(F,) Poisson negative log-likelihood per family of rates E * exp(intercept + S @ W.T), constants dropped."""
     eta = S @ W.T  # (N, F)
     if intercept is not None:
         eta = eta + intercept
+    # An L-BFGS line search may try a step far out, where exp overflows to inf and the gradient to
+    # NaN, which poisons the whole fit; capping eta far beyond any sensible log rate ratio keeps that
+    # trial finite (and rejected) and changes nothing where the objective was finite before.
+    eta = eta.clamp(max=ETA_CAP)
     return (E * torch.exp(eta) - n * eta).sum(0)
 
 
@@ -145,20 +152,35 @@ def _intercept_only(n: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
     return torch.log((n.sum(0) + 0.5) / (E.sum(0) + 0.5))
 
 
-def _minimise(params: list[torch.Tensor], objective, max_iter: int) -> None:
-    """Minimise objective() over params (in place) by L-BFGS with a strong-Wolfe line search."""
+def _minimise(params: list[torch.Tensor], objective, max_iter: int, restarts: int = 3) -> None:
+    """Minimise objective() over params (in place) by L-BFGS with a strong-Wolfe line search.
+
+    A line-search step can land on NaN (seen with torch 2.13 on a near-flat penalty path), which
+    L-BFGS then never leaves: the parameters go back to the best finite point seen and the fit
+    restarts there with a fresh curvature memory. A fit that never meets NaN runs exactly as before.
+    """
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=50, line_search_fn="strong_wolfe")
+    best: dict = {"loss": float("inf"), "params": [p.detach().clone() for p in params]}
 
     def closure():
         opt.zero_grad()
         loss = objective()
+        value = float(loss.detach())
+        if math.isfinite(value) and value < best["loss"] and all(bool(torch.isfinite(p).all()) for p in params):
+            best["loss"], best["params"] = value, [p.detach().clone() for p in params]
         loss.backward()
         return loss
 
-    opt.step(closure)
+    for _ in range(restarts):
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                history_size=50, line_search_fn="strong_wolfe")
+        opt.step(closure)
+        if all(bool(torch.isfinite(p).all()) for p in params):
+            return
+        with torch.no_grad():
+            for p, b in zip(params, best["params"]):
+                p.copy_(b)
 
 
 def refit_per_family(S, n, E, B: torch.Tensor, tuning, fractions=REFIT_FRACTIONS, max_iter: int = 2000):
