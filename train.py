@@ -110,6 +110,17 @@ class PretrainArguments:
     torch_compile: bool = field(default=False, metadata={"help": "torch.compile the model (~20%% faster after warm-up)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
     report_to: str = field(default="none", metadata={"help": "Trainer loggers: none, tensorboard, wandb, ..."})
+    tte_families: int = field(
+        default=0,
+        metadata={"help": "Time-to-event head: predict the first later occurrence of the N most common code families "
+                          "(those first seen in at least 20 training subjects) from every position, jointly with the "
+                          "LM loss (MOTOR style); 0 = no head. Enables `ehr-prs risk --method hazard`."},
+    )
+    tte_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the TTE loss beside the LM loss."})
+    tte_rank: int = field(default=32, metadata={"help": "Rank of the TTE head (hidden -> bins x rank x families)."})
+    tte_prs_rank: int = field(
+        default=8, metadata={"help": "Rank of the PRS -> log-hazard shift of the TTE head (models that read the PRS)."}
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Comma-separated config edits on top of the preset, e.g. 'hidden_size=128,num_hidden_layers=2'; "
@@ -286,9 +297,25 @@ def parse_overrides(text: str | None) -> dict:
 # Config fields of the genomic adapter: with --init-from they are the only ones --config-overrides may set.
 ADAPTER_FIELDS = ("prs_tokens", "prs_adapter_hidden_size", "prs_cross_attention_layers", "prs_dropout",
                   "prs_centered", "prs_logit_bias_rank")
+# Fields of the time-to-event head: --init-from may add a head to a checkpoint without one.
+TTE_FIELDS = ("tte_families", "tte_loss_weight", "tte_rank", "tte_prs_rank", "tte_time_bins", "tte_max_positions")
 
 
-def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: int) -> EhrPrsForCausalLM:
+def choose_tte_families(tokenizer, train_ds, cap: int) -> list[str]:
+    """The code families of the TTE head: first seen in >= 20 training subjects, the `cap` most common."""
+    from modeling_ehr_prs.time_to_event import MIN_SUBJECTS, choose_families
+
+    records = (row for batch in train_ds.select_columns(["input_ids"]).iter(batch_size=1024) for row in batch["input_ids"])
+    families = choose_families(tokenizer, records, MIN_SUBJECTS, cap)
+    if not families:
+        raise InputError(f"--tte-families {cap}: no code family is seen in {MIN_SUBJECTS} or more training subjects")
+    print(f"time-to-event head over {len(families)} code families (of those in >= {MIN_SUBJECTS} training subjects)",
+          file=sys.stderr)
+    return families
+
+
+def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: int,
+                train_ds=None) -> EhrPrsForCausalLM:
     """A fresh model from a preset, or a checkpoint extended to this run's genomic adapter."""
     requested = parse_overrides(args.config_overrides)
     overrides = {**requested}
@@ -302,6 +329,9 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
     )
     if args.prs_dropout is not None:
         overrides["prs_dropout"] = args.prs_dropout
+    if args.tte_families:
+        overrides.update(tte_families=choose_tte_families(tokenizer, train_ds, args.tte_families),
+                         tte_loss_weight=args.tte_loss_weight, tte_rank=args.tte_rank, tte_prs_rank=args.tte_prs_rank)
     if args.init_from is None:
         if args.preset not in PRESETS:
             raise InputError(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")
@@ -321,13 +351,13 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
     config_dict = base.to_dict()
     # The adapter is new, so its shape may be set here; the decoder's comes from the checkpoint.
     clash = sorted(f"{k}={v} (checkpoint: {config_dict.get(k)})" for k, v in requested.items()
-                   if k not in ADAPTER_FIELDS and config_dict.get(k) != v)
+                   if k not in ADAPTER_FIELDS + TTE_FIELDS and config_dict.get(k) != v)
     if clash:
         raise InputError(
             f"--config-overrides {', '.join(clash)} with --init-from {args.init_from}: the checkpoint fixes the "
             f"decoder; only the new adapter's fields ({', '.join(ADAPTER_FIELDS)}) may differ from it"
         )
-    for key in ("vocab_size", "n_prs", "prs_fusion", *ADAPTER_FIELDS):
+    for key in ("vocab_size", "n_prs", "prs_fusion", *ADAPTER_FIELDS, *TTE_FIELDS):
         if key in overrides:
             config_dict[key] = overrides[key]
     config = EhrPrsConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "auto_map")})
@@ -337,7 +367,7 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
     mismatched = info.get("mismatched_keys", [])
     if mismatched:
         raise InputError(f"--init-from {args.init_from}: weights of another shape: {mismatched[:5]}")
-    new = [k for k in info["missing_keys"] if "prs" not in k]
+    new = [k for k in info["missing_keys"] if "prs" not in k and "tte_head" not in k]
     if new:
         raise InputError(
             f"--init-from {args.init_from} lacks decoder weights {new[:5]}: it is not an ehr-prs causal LM "
@@ -349,8 +379,18 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
         if args.prs_fusion == "none":
             raise InputError("--freeze-backbone with --prs-fusion none would train nothing")
         for name, param in model.named_parameters():
-            param.requires_grad = "prs" in name
+            param.requires_grad = "prs" in name or "tte_head" in name  # the adapters and the TTE head train
     return model
+
+
+def tte_collator_fields(config, tokenizer) -> dict:
+    """EhrPrsCollator fields that make it build time-to-event targets, for a model with a TTE head."""
+    if not config.has_tte_head:
+        return {}
+    from modeling_ehr_prs.time_to_event import family_of_token
+
+    return dict(token_days=tokenizer.token_days, tte_family_of_token=family_of_token(tokenizer, config.tte_families),
+                tte_max_positions=config.tte_max_positions)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -474,7 +514,7 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
     preset_ctx = PRESETS.get(args.preset, {}).get("max_position_embeddings", 512)
     max_seq_length = args.max_seq_length or preset_ctx
     torch.manual_seed(args.seed)
-    model = build_model(args, tokenizer, n_prs, max_seq_length)
+    model = build_model(args, tokenizer, n_prs, max_seq_length, train_ds)
     if args.prs_fusion == "prefix":
         # The prefix occupies positions too: leave room for it inside the context.
         max_seq_length = min(max_seq_length, model.config.max_position_embeddings - model.config.prs_tokens)
@@ -528,7 +568,8 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         use_cpu=not torch.cuda.is_available(),
         ddp_find_unused_parameters=args.prs_fusion != "none" or None,
     )
-    collator = EhrPrsCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_seq_length)
+    collator = EhrPrsCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_seq_length,
+                              **tte_collator_fields(model.config, tokenizer))
     trainer = Trainer(
         model=model,
         args=training_args,

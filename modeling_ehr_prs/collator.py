@@ -30,6 +30,18 @@ class EhrPrsCollator:
     # For classification: take `labels` from this row column (e.g. "boolean_value") instead
     # of the next-token targets.
     label_column: str | None = None
+    # Time-to-event targets (a model with a TTE head): days each token id stands for (time tokens
+    # > 0), each token id's index in config.tte_families (-1 = none), positions read per row.
+    token_days: Any = None
+    tte_family_of_token: Any = None
+    tte_max_positions: int = 32
+
+    def __post_init__(self) -> None:
+        if (self.token_days is None) != (self.tte_family_of_token is None):
+            raise ValueError("time-to-event targets need both token_days and tte_family_of_token")
+        if self.token_days is not None:
+            self.token_days = np.asarray(self.token_days, dtype=np.float64)
+            self.tte_family_of_token = np.asarray(self.tte_family_of_token, dtype=np.int64)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = [list(r["input_ids"]) for r in rows]
@@ -49,6 +61,15 @@ class EhrPrsCollator:
             batch["labels"] = torch.tensor([float(r[self.label_column]) for r in rows])  # (batch,)
         elif self.with_labels:
             batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+        if self.tte_family_of_token is not None:
+            from modeling_ehr_prs.time_to_event import tte_targets
+
+            n_families = int(self.tte_family_of_token.max()) + 1 if self.tte_family_of_token.size else 0
+            targets = [tte_targets(np.asarray(x), self.token_days, self.tte_family_of_token, n_families, width,
+                                   self.tte_max_positions) for x in ids]
+            batch["tte_positions"] = torch.from_numpy(np.stack([t[0] for t in targets]))  # (batch, P)
+            batch["tte_first_index"] = torch.from_numpy(np.stack([t[1] for t in targets]))  # (batch, families)
+            batch["tte_days"] = torch.from_numpy(np.stack([t[2] for t in targets]))  # (batch, seq)
         if "prs" in rows[0]:
             prs = torch.from_numpy(np.asarray([r["prs"] for r in rows], dtype=np.float32))  # (batch, n_prs)
             prs_mask = torch.tensor([bool(r["prs_mask"]) for r in rows], dtype=torch.bool)  # (batch,)

@@ -15,6 +15,10 @@ from transformers import PretrainedConfig
 
 PRS_FUSIONS = ("none", "prefix", "cross_attention", "logit_bias")
 
+# Default time bins of the time-to-event head, in days after a position (the last is open-ended):
+# a month, a quarter, half a year, 1, 2, 3, 5 and 10 years.
+DEFAULT_TTE_TIME_BINS = [0.0, 30.0, 91.0, 182.0, 365.0, 730.0, 1095.0, 1826.0, 3650.0]
+
 # Architecture presets (sizes without the PRS adapter; checked in tests/test_modeling.py).
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: ~0.1 M parameters (107 k with vocab 512), runs in milliseconds.
@@ -96,6 +100,23 @@ class EhrPrsConfig(PretrainedConfig):
             vocabulary needs r x 33 k weights, not 100 M. Centred by construction (all-zero scores or
             no genotype add exactly 0), so prs_centered does not apply.
 
+    Time-to-event head (MOTOR / Delphi style; see EhrPrsTimeToEventHead):
+        tte_families (list[str]): the code families (a MEDS code up to its first '.', e.g.
+            `ICD10CM/E11`) whose first later occurrence the head predicts from every position.
+            Empty = no head (the LM alone). `ehr-prs pretrain` chooses them from the training split:
+            families first seen in at least 20 training subjects, the most common first.
+        tte_time_bins (list[float]): left edges of the piecewise-constant hazard's bins, in days after
+            the position: strictly increasing, starting at 0; the last bin is open-ended.
+        tte_rank (int): rank of the head: hidden -> (bins x rank), times a (families x rank) table, so
+            the head costs hidden x bins x rank + families x (rank + bins) weights (MOTOR's factorisation).
+        tte_loss_weight (float): pretraining optimises LM loss + tte_loss_weight x TTE loss (the mean
+            piecewise-exponential negative log-likelihood per at-risk (position, family) pair).
+        tte_max_positions (int): positions per sequence at which the TTE loss is read (the ends of
+            days, evenly spread over the record when there are more).
+        tte_prs_rank (int): rank of the genomic adapter on hazards (PRS -> rank liabilities ->
+            a log-hazard shift per family, proportional hazards). Used when the model reads the PRS
+            (n_prs > 0 and prs_fusion != "none"); 0 turns the shift off.
+
     Every value is checked when the config is built, when a model is built from it and when it is
     saved: a wrong value raises ValueError naming the field and what is allowed.
     """
@@ -126,12 +147,22 @@ class EhrPrsConfig(PretrainedConfig):
     prs_dropout: float = 0.1
     prs_centered: bool = False
     prs_logit_bias_rank: int = 16
+    tte_families: list[str] | None = None
+    tte_time_bins: list[float] | None = None
+    tte_rank: int = 32
+    tte_loss_weight: float = 1.0
+    tte_max_positions: int = 32
+    tte_prs_rank: int = 8
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.prs_cross_attention_layers is None and isinstance(self.num_hidden_layers, int):
             self.prs_cross_attention_layers = list(range(0, self.num_hidden_layers, 2))
+        if self.tte_families is None:
+            self.tte_families = []
+        if self.tte_time_bins is None:
+            self.tte_time_bins = list(DEFAULT_TTE_TIME_BINS)
         if self.rope_parameters is None and "rope_theta" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)  # converts a legacy `rope_theta=` into rope_parameters
@@ -141,6 +172,21 @@ class EhrPrsConfig(PretrainedConfig):
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def reads_prs(self) -> bool:
+        """Whether the model has a genomic adapter that reads the PRS vector."""
+        return self.n_prs > 0 and self.prs_fusion != "none"
+
+    @property
+    def has_tte_head(self) -> bool:
+        """Whether the model has the time-to-event head (tte_families is not empty)."""
+        return len(self.tte_families) > 0
+
+    @property
+    def tte_hazard_shift(self) -> bool:
+        """Whether the genomic adapter also shifts the TTE head's log-hazards (proportional hazards)."""
+        return self.has_tte_head and self.reads_prs and self.tte_prs_rank > 0
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "EhrPrsConfig":
@@ -197,6 +243,7 @@ class EhrPrsConfig(PretrainedConfig):
                              f"[0, {self.num_hidden_layers - 1}] (num_hidden_layers={self.num_hidden_layers})")
         if self.prs_fusion == "cross_attention" and not layers:
             raise ValueError("prs_fusion='cross_attention' needs at least one index in prs_cross_attention_layers")
+        self._validate_tte()
         rope = self.rope_parameters or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope_parameters['rope_type'] must be 'default', got {rope.get('rope_type')!r}")
@@ -205,9 +252,30 @@ class EhrPrsConfig(PretrainedConfig):
             raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}")
 
 
+    def _validate_tte(self) -> None:
+        """The time-to-event head's fields (see the class docstring)."""
+        families = self.tte_families
+        if not isinstance(families, (list, tuple)) or not all(isinstance(f, str) and f for f in families):
+            raise ValueError(f"tte_families must be a list of code family strings, got {families!r}")
+        if len(set(families)) != len(families):
+            raise ValueError("tte_families has duplicates: each code family may appear once")
+        bins = self.tte_time_bins
+        if (not isinstance(bins, (list, tuple)) or not bins
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in bins)):
+            raise ValueError(f"tte_time_bins must be a list of bin edges in days, got {bins!r}")
+        if bins[0] != 0 or any(b <= a for a, b in zip(bins, bins[1:])):
+            raise ValueError(f"tte_time_bins={list(bins)}: edges must start at 0 and be strictly increasing (days)")
+        for name in ("tte_rank", "tte_max_positions"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("tte_prs_rank", self.tte_prs_rank, minimum=0)
+        w = self.tte_loss_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(f"tte_loss_weight must be a number >= 0, got {w!r}")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-__all__ = ["EhrPrsConfig", "PRESETS", "PRS_FUSIONS"]
+__all__ = ["EhrPrsConfig", "PRESETS", "PRS_FUSIONS", "DEFAULT_TTE_TIME_BINS"]

@@ -51,6 +51,8 @@ lists never touch them; `target_modules="all-linear"` does wrap them too. The cl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -298,6 +300,94 @@ class EhrPrsLogitBias(nn.Module):
         return shift
 
 
+DAYS_PER_YEAR = 365.25
+TTE_INITIAL_LOG_HAZARD = -3.9  # log(1 / 50 years)
+
+
+class EhrPrsHazardShift(nn.Module):
+    """Standardised PRS (b, n_prs) -> a shift of every code family's log-hazard (b, families).
+
+    The genomic adapter of the time-to-event head: proportional hazards, so each family's hazard is
+    multiplied by exp(up_f . down(prs)) at every time; `down` maps the scores to `tte_prs_rank`
+    genetic liabilities (a few thousand scores, of which few carry any one disease, share a small
+    basis; weight decay keeps the rest near 0). Rows without genotype (or hidden by prs_dropout
+    in training) get exactly 0; `up` starts at 0, so a model gains it without changing its outputs.
+    """
+
+    def __init__(self, config: EhrPrsConfig) -> None:
+        super().__init__()
+        self.n_prs, self.prs_dropout = config.n_prs, config.prs_dropout
+        self.down = nn.Linear(config.n_prs, config.tte_prs_rank, bias=False)  # scores -> r liabilities
+        self.up = nn.Parameter(torch.zeros(len(config.tte_families), config.tte_prs_rank))  # (families, r)
+
+    def forward(self, prs, prs_mask, batch_size: int) -> torch.Tensor:
+        """(b, families) log-hazard shift; zero rows for subjects without genotype."""
+        device = self.up.device
+        prs = prs.to(device) if prs is not None else None
+        prs_mask = prs_mask.to(device) if prs_mask is not None else None
+        genotyped = genotyped_rows(prs, prs_mask, batch_size, self.n_prs,
+                                   self.prs_dropout if self.training else 0.0, device)  # (b,)
+        shift = self.up.new_zeros(batch_size, self.up.shape[0])  # (b, families)
+        if prs is not None:
+            x = torch.where(genotyped[:, None], prs, 0.0).to(self.down.weight.dtype)  # (b, n_prs); NaN never reaches it
+            shift = torch.where(genotyped[:, None], self.down(x) @ self.up.T, shift)
+        return shift
+
+
+class EhrPrsTimeToEventHead(nn.Module):
+    """Hidden states (n, d) -> piecewise-constant log-hazards (n, bins, families), per year.
+
+    For each position, the hazard of the *first later occurrence* of each code family in each
+    time bin after it (config.tte_time_bins, days; the last bin open-ended). MOTOR's low-rank
+    factorisation: log h[bin, family] = time_proj(x)[bin] . family_embed[family] + bias[family, bin],
+    so the head costs d x bins x rank + families x (rank + bins) weights instead of d x bins x families.
+    Risk of a first occurrence within (a, b] days = 1 - exp(-sum over bins of hazard x overlap).
+    """
+
+    def __init__(self, config: EhrPrsConfig) -> None:
+        super().__init__()
+        self.n_bins, self.n_families, self.rank = len(config.tte_time_bins), len(config.tte_families), config.tte_rank
+        self.time_proj = nn.Linear(config.hidden_size, self.n_bins * self.rank, bias=False)
+        self.family_embed = nn.Parameter(torch.zeros(self.n_families, self.rank))  # (families, r)
+        self.family_bias = nn.Parameter(torch.zeros(self.n_families, self.n_bins))  # (families, bins)
+        starts = torch.tensor(config.tte_time_bins, dtype=torch.float) / DAYS_PER_YEAR  # (bins,) years
+        self.bin_starts = nn.Buffer(starts, persistent=False)
+        self.hazard_shift = EhrPrsHazardShift(config) if config.tte_hazard_shift else None
+
+    def forward(self, hidden_states: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (n, d), shift (n, families) or None -> log-hazards per year (n, bins, families)."""
+        n = hidden_states.shape[0]
+        z = self.time_proj(hidden_states.to(self.time_proj.weight.dtype)).view(n, self.n_bins, self.rank)
+        log_hazard = z.float() @ self.family_embed.float().T + self.family_bias.float().T  # (n, bins, families)
+        if shift is not None:
+            log_hazard = log_hazard + shift.float()[:, None, :]
+        return log_hazard
+
+    def exposure(self, start_years: torch.Tensor, end_years: torch.Tensor) -> torch.Tensor:
+        """Years of (start, end] inside each bin: (...,) x 2 -> (..., bins)."""
+        starts = self.bin_starts.to(start_years.device)  # (bins,)
+        ends = torch.cat([starts[1:], starts.new_full((1,), float("inf"))])  # (bins,)
+        lo = torch.maximum(start_years[..., None], starts)
+        hi = torch.minimum(end_years[..., None], ends)
+        return (hi - lo).clamp(min=0.0)
+
+    def negative_log_likelihood(self, log_hazard: torch.Tensor, time_years: torch.Tensor, event: torch.Tensor,
+                                at_risk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Piecewise-exponential NLL summed over at-risk pairs, and the number of pairs.
+
+        log_hazard (n, bins, families); time_years, event, at_risk (n, families): the time to the
+        family's first occurrence (event) or to the end of the record (censored), in years.
+        """
+        time_years = time_years.clamp(min=0.0)
+        exposure = self.exposure(torch.zeros_like(time_years), time_years).transpose(1, 2)  # (n, bins, families)
+        cumulative = (log_hazard.exp() * exposure).sum(1)  # (n, families)
+        starts = self.bin_starts.to(time_years.device)
+        bin_of_time = (torch.searchsorted(starts, time_years.contiguous(), right=True) - 1).clamp(min=0)  # (n, F)
+        log_h_at_event = log_hazard.gather(1, bin_of_time[:, None, :]).squeeze(1)  # (n, families)
+        ll = torch.where(event, log_h_at_event, 0.0) - cumulative
+        return -(ll * at_risk).sum(), at_risk.sum()
+
+
 class EhrPrsGatedCrossAttention(nn.Module):
     """h + tanh(gate) * CrossAttention(norm(h), PRS memory); output projection 0 at init, gate 1.
 
@@ -415,8 +505,13 @@ class EhrPrsPreTrainedModel(PreTrainedModel):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
         elif isinstance(module, EhrPrsGenomicAdapter):
             init.normal_(module.no_genotype, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, EhrPrsLogitBias):
+        elif isinstance(module, (EhrPrsLogitBias, EhrPrsHazardShift)):
             init.zeros_(module.up)  # an extended EHR-only checkpoint starts unchanged; `down` gets gradient
+        elif isinstance(module, EhrPrsTimeToEventHead):
+            init.normal_(module.family_embed, mean=0.0, std=self.config.initializer_range)
+            # Start every family at about one first occurrence per 50 person-years (log hazard per year).
+            init.constant_(module.family_bias, TTE_INITIAL_LOG_HAZARD)
+            init.copy_(module.bin_starts, torch.tensor(self.config.tte_time_bins, dtype=torch.float) / DAYS_PER_YEAR)
         elif isinstance(module, EhrPrsGatedCrossAttention):
             # An extended EHR-only checkpoint must start with unchanged outputs. A zero output
             # projection does that while the gate is open, so the projection gets a gradient from
@@ -570,6 +665,36 @@ def self_attention_mask(key_valid: torch.Tensor | None, q_len: int, kv_len: int,
     return allowed[:, None], False
 
 
+def tte_pairs(positions: torch.Tensor, first_index: torch.Tensor, days: torch.Tensor,
+              last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Time-to-event pairs of a batch: (time in days, event, at risk), each (b, P, F).
+
+    positions (b, P) token indices (-1 = padding); first_index (b, F) each family's first index in
+    the row (>= s: never); days (b, s) days elapsed at each token; last (b,) the last real index.
+    A family is at risk at a position when it has not occurred at or before it; its time runs to
+    its first occurrence (event) or to the last real token (censored).
+    """
+    s = days.shape[1]
+    valid = positions >= 0  # (b, P)
+    pos = positions.clamp(min=0)
+    pos_day = days.gather(1, pos)  # (b, P)
+    end_day = days.gather(1, last[:, None])  # (b, 1)
+    occurs = first_index < s  # (b, F)
+    event_day = days.gather(1, first_index.clamp(max=s - 1))  # (b, F)
+    at_risk = valid[:, :, None] & (first_index[:, None, :] > pos[:, :, None])  # (b, P, F)
+    event = at_risk & occurs[:, None, :]
+    time_days = torch.where(event, event_day[:, None, :], end_day[:, :, None]) - pos_day[:, :, None]
+    return time_days, event, at_risk
+
+
+@dataclass
+class EhrPrsCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the two parts of the pretraining loss (when computed)."""
+
+    lm_loss: torch.FloatTensor | None = None
+    tte_loss: torch.FloatTensor | None = None
+
+
 class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
     """The generative EHR model: next-token logits over event tokens, optionally conditioned on PRS."""
 
@@ -581,6 +706,7 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         self.model = EhrPrsModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.prs_logit_bias = EhrPrsLogitBias(config) if config.prs_fusion == "logit_bias" else None
+        self.tte_head = EhrPrsTimeToEventHead(config) if config.has_tte_head else None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -610,12 +736,21 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        tte_positions: torch.LongTensor | None = None,
+        tte_first_index: torch.LongTensor | None = None,
+        tte_days: torch.Tensor | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> "EhrPrsCausalLMOutput":
         """input_ids/attention_mask (b, s); prs (b, n_prs) float, standardised; prs_mask (b,) bool (True =
         genotyped). Returns logits (b, s, vocab) aligned with input_ids (no prefix positions) and, with
         labels, the mean next-token cross-entropy over event tokens (labels -100, pads and masked
         positions ignored). `num_items_in_batch` (from Trainer) is honoured.
+
+        Time-to-event targets (from EhrPrsCollator when the model has a TTE head): tte_positions
+        (b, P) token indices where the TTE loss is read (-1 = none), tte_first_index (b, families) the
+        index of each family's first occurrence in the row (>= s when it never occurs), tte_days
+        (b, s) days elapsed from the row's start at each token (the sum of its time tokens). The loss
+        is then LM loss + tte_loss_weight x the mean piecewise-exponential NLL per at-risk pair.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, prs=prs, prs_mask=prs_mask,
                              position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
@@ -641,9 +776,76 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
                 labels = labels.masked_fill(labels == self.config.pad_token_id, -100)
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size,
                                       num_items_in_batch=kwargs.get("num_items_in_batch"))
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                        hidden_states=outputs.hidden_states)
+        lm_loss, tte_loss = loss, None
+        if tte_positions is not None and self.tte_head is not None:
+            tte_loss = self.time_to_event_loss(outputs.last_hidden_state, attention_mask, prs, prs_mask,
+                                               tte_positions, tte_first_index, tte_days)
+            if loss is not None:
+                # The LM loss is a sum over tokens / num_items_in_batch (all micro-batches of a
+                # gradient-accumulation step); scale this micro-batch's TTE mean alike so that
+                # accumulation adds up to one mean (the factor is 1 without accumulation).
+                num_items = kwargs.get("num_items_in_batch")
+                if num_items is not None:
+                    own = (labels[:, 1:] != -100).sum()
+                    tte_scale = own.to(tte_loss.dtype) / torch.as_tensor(num_items, device=tte_loss.device).to(tte_loss.dtype)
+                else:
+                    tte_scale = 1.0
+                loss = loss + self.config.tte_loss_weight * tte_scale * tte_loss
+            else:
+                loss = self.config.tte_loss_weight * tte_loss
+        output = EhrPrsCausalLMOutput(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, lm_loss=lm_loss, tte_loss=tte_loss)
         return output.to_tuple() if return_dict is False else output
+
+    def time_to_event_loss(self, hidden_states, attention_mask, prs, prs_mask, positions, first_index, days):
+        """Mean piecewise-exponential NLL over the at-risk (position, family) pairs of a batch.
+
+        hidden_states (b, s, d); positions (b, P) (-1 = padding); first_index (b, F); days (b, s).
+        A family is at risk at a position when it has not occurred at or before it in the row; its
+        time is the days to its first occurrence (event) or to the row's last real token (censored).
+        """
+        b, s, _ = hidden_states.shape
+        device = hidden_states.device
+        positions, first_index, days = positions.to(device), first_index.to(device), days.to(device).float()
+        if attention_mask is not None:
+            last = attention_mask.to(device).long().sum(-1).clamp(min=1) - 1  # (b,) right padding
+        else:
+            last = torch.full((b,), s - 1, device=device, dtype=torch.long)
+        time_days, event, at_risk = tte_pairs(positions, first_index, days, last)  # (b, P, F) each
+        pos = positions.clamp(min=0)
+        h = hidden_states[torch.arange(b, device=device)[:, None], pos]  # (b, P, d)
+        shift = None
+        if self.tte_head.hazard_shift is not None:
+            shift = self.tte_head.hazard_shift(prs, prs_mask, b)  # (b, F)
+            shift = shift[:, None, :].expand(b, pos.shape[1], -1).reshape(b * pos.shape[1], -1)
+        log_hazard = self.tte_head(h.reshape(b * pos.shape[1], -1), shift)  # (b * P, bins, F)
+        nll, pairs = self.tte_head.negative_log_likelihood(
+            log_hazard, time_days.reshape(b * pos.shape[1], -1) / DAYS_PER_YEAR,
+            event.reshape(b * pos.shape[1], -1), at_risk.reshape(b * pos.shape[1], -1))
+        return nll / pairs.clamp(min=1)
+
+    @torch.no_grad()
+    def tte_log_hazards(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                        prs: torch.Tensor | None = None, prs_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-hazards per year (b, bins, families) at each row's last real token (left or right padding).
+
+        One forward pass; what `ehr-prs risk --method hazard` turns into risk curves.
+        """
+        if self.tte_head is None:
+            raise ValueError("this model has no time-to-event head (config.tte_families is empty): pretrain one "
+                             "with `ehr-prs pretrain --tte-families N`, or use a sampling method")
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, prs=prs, prs_mask=prs_mask,
+                             use_cache=False)
+        hidden_states = outputs.last_hidden_state  # (b, s, d)
+        b, s, _ = hidden_states.shape
+        if attention_mask is None:
+            last = torch.full((b,), s - 1, device=hidden_states.device, dtype=torch.long)
+        else:
+            real = attention_mask.to(hidden_states.device).bool()
+            last = s - 1 - real.flip(-1).int().argmax(-1)  # (b,) the last real token
+        h = hidden_states[torch.arange(b, device=hidden_states.device), last]  # (b, d)
+        shift = self.tte_head.hazard_shift(prs, prs_mask, b) if self.tte_head.hazard_shift is not None else None
+        return self.tte_head(h, shift)
 
     def prepare_inputs_for_generation(
         self,

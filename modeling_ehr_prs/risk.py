@@ -56,7 +56,7 @@ try:  # the cache layer class of transformers 5 (DynamicCache.layers)
 except ImportError:  # pragma: no cover
     DynamicLayer = object
 
-METHODS = ("path", "mc", "survival")
+METHODS = ("path", "mc", "survival", "hazard")  # hazard: the TTE head, one forward pass (time_to_event.py)
 DEATH_CODE = "MEDS_DEATH"
 
 
@@ -464,6 +464,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "third less per-row variance on the demo's T2D rows at K=4); needs --samples >= 2")
     parser.add_argument("--limit", type=int, help="score only the first N label rows of the split")
     parser.add_argument("--strict-labels", action="store_true", help=STRICT_LABELS_HELP)
+    parser.add_argument("--horizons", type=float, nargs="+", metavar="D",
+                        help="--method hazard: also write the risk curve at these horizons (days) to OUT's "
+                             "sibling OUT_STEM.curve.parquet (subject_id, prediction_time, horizon_days, probability)")
     parser.add_argument("--incidence-refit", metavar="FILE",
                         help="a refit of the target codes' onset rate on the history summary, written by "
                              "`ehr-prs incidence-refit` with the same --codes, for this model or the frozen "
@@ -492,6 +495,48 @@ def load_model_and_tokenizer(model_dir: str | Path):
     return model, tokenizer, standardizer
 
 
+def curve_path_of(out: str | Path) -> Path:
+    """Where --horizons writes the risk curve: OUT_STEM.curve.parquet beside --out."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".parquet") + ".curve.parquet")
+
+
+def _write_hazard_risk(args, model, tokenizer, data, prompts, family_idx, prs_t, prs_mask_t) -> None:
+    """--method hazard: risk at --horizon-days (and the --horizons curve) from the TTE head, one pass per row."""
+    import polars as pl
+
+    from modeling_ehr_prs.baselines import write_predictions
+    from modeling_ehr_prs.errors import atomic_output_file
+    from modeling_ehr_prs.time_to_event import hazard_risk
+
+    horizons = [args.horizon_days, *[h for h in (args.horizons or []) if h != args.horizon_days]]
+    if any(h <= 0 for h in horizons):
+        raise InputError(f"--horizons must all be > 0 days, got {args.horizons}")
+    risk = hazard_risk(model, prompts, family_idx, horizons, prs_t, prs_mask_t, tokenizer.pad_token_id)  # (rows, H)
+    if not np.isfinite(risk).all():
+        raise InputError(f"{args.model} gave non-finite hazards for {int((~np.isfinite(risk)).any(1).sum())} rows: "
+                         "the model's weights are broken; retrain it")
+    keys = pl.DataFrame({
+        "subject_id": np.asarray(data["subject_id"], dtype=np.int64),
+        "prediction_time": data.with_format("arrow")["prediction_time"],
+    })
+    frame = keys.with_columns(pl.Series("boolean_value", np.asarray(data["boolean_value"], dtype=bool)),
+                              pl.Series("predicted_boolean_probability", risk[:, 0]))
+    write_predictions(frame, args.out, args.overwrite, source=f"--model {args.model}")
+    wrote = [str(args.out)]
+    if args.horizons:
+        curve_path = curve_path_of(args.out)
+        order = sorted(range(len(horizons)), key=lambda j: horizons[j])
+        curve = pl.concat([keys.with_columns(pl.lit(horizons[j]).alias("horizon_days"),
+                                             pl.Series("probability", risk[:, j])) for j in order])
+        with atomic_output_file(curve_path, overwrite=args.overwrite, flag="--horizons curve") as tmp:
+            curve.write_parquet(tmp)
+        wrote.append(f"{curve_path} ({len(horizons)} horizons)")
+    fams = ", ".join(model.config.tte_families[i] for i in family_idx)
+    print(f"wrote {' and '.join(wrote)}: {frame.height} rows, method hazard (families {fams}), "
+          f"mean risk {risk[:, 0].mean():.4f} at {args.horizon_days:g} days")
+
+
 def run(args: argparse.Namespace) -> None:
     import polars as pl
 
@@ -502,6 +547,10 @@ def run(args: argparse.Namespace) -> None:
 
     check_output(args.out, {"--model": args.model, "--meds": args.meds, "--prs": args.prs, "--labels": args.labels,
                             "--incidence-refit": args.incidence_refit}, args.overwrite, kind="file")
+    if args.horizons:  # the curve file beside --out obeys the same rule, checked before any work
+        check_output(curve_path_of(args.out), {"--model": args.model, "--meds": args.meds, "--prs": args.prs,
+                                               "--labels": args.labels}, args.overwrite, flag="--horizons curve",
+                     kind="file")
     if args.horizon_days <= 0:
         raise InputError(f"--horizon-days must be > 0, got {args.horizon_days}")
     if args.samples < 1:
@@ -539,8 +588,19 @@ def run(args: argparse.Namespace) -> None:
     if args.limit:
         labels = labels.head(args.limit)
     warn_if_prs_not_given(model.config.n_prs if model.config.prs_fusion != "none" else 0, prs, args.model)
+    if args.method == "hazard" and not model.config.has_tte_head:
+        raise InputError(f"--method hazard needs a model with a time-to-event head, and {args.model} has none: "
+                         "pretrain with --tte-families N, or use --method survival")
+    if args.horizons and args.method != "hazard":
+        raise InputError("--horizons needs --method hazard (the sampling methods score one horizon per run)")
+    family_idx = None
+    if args.method == "hazard":
+        from modeling_ehr_prs.time_to_event import target_families
+
+        family_idx = target_families(tokenizer, model.config.tte_families, args.codes)
     prefix = model.config.prs_tokens if model.config.prs_fusion == "prefix" else 0
-    max_prompt = max(16, model.config.max_position_embeddings - prefix - args.max_new_tokens)
+    room = 0 if args.method == "hazard" else args.max_new_tokens  # hazard generates nothing
+    max_prompt = max(16, model.config.max_position_embeddings - prefix - room)
     data = inputs_at_prediction_times(meds, labels, tokenizer, standardizer if prs is not None else None, prs,
                                       split=args.split, max_length=max_prompt)
     prompts = [list(x) for x in data["input_ids"]]
@@ -550,6 +610,9 @@ def run(args: argparse.Namespace) -> None:
         prs_mask_t = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))  # (rows,)
     # Without --prs (or for a model without an adapter) prs stays None: every row gets the
     # model's learned "no genotype" tokens.
+    if args.method == "hazard":
+        _write_hazard_risk(args, model, tokenizer, data, prompts, family_idx, prs_t, prs_mask_t)
+        return
     stop_ids = [tokenizer.eos_token_id]
     if DEATH_CODE in tokenizer.get_vocab():
         stop_ids.append(tokenizer.get_vocab()[DEATH_CODE])
