@@ -17,7 +17,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from transformers import TrainerCallback
 
 import modeling_ehr_prs  # noqa: F401
 import train
@@ -25,6 +24,7 @@ from modeling_ehr_prs.cli import main as cli
 from modeling_ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
 from modeling_ehr_prs.modeling_ehr_prs import DAYS_PER_YEAR, EhrPrsForCausalLM, tte_pairs
+from test_train import StopAt  # tests/ is on sys.path under pytest
 from modeling_ehr_prs.time_to_event import (
     choose_families,
     code_family,
@@ -312,19 +312,6 @@ def test_the_head_loads_as_hub_remote_code_in_a_clean_process(tte_lm, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     module, diff = done.stdout.split("RESULT", 1)[1].split()
     assert module.startswith("transformers_modules") and float(diff) == 0.0
-
-
-class StopAt(TrainerCallback):
-    """Stops training right after the checkpoint at `step`: what a kill after a save leaves."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
 
 
 def test_resume_equality_with_the_tte_loss_on(tiny_data, tmp_path):
