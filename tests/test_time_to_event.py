@@ -341,3 +341,27 @@ def test_an_ehr_only_checkpoint_gains_a_head_with_init_from(tiny_lm, tiny_data, 
     out = train.train(args)
     config = json.loads((out / "config.json").read_text())
     assert len(config["tte_families"]) == 10
+
+
+@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
+def test_prefix_and_cross_attention_models_train_with_the_head(fusion):
+    """The head reads event positions only: a prefix shifts nothing, and both fusions train with it."""
+    torch.manual_seed(0)
+    model = EhrPrsForCausalLM(tte_config(n_prs=5, prs_fusion=fusion, prs_dropout=0.0)).train()
+    collate = EhrPrsCollator(pad_token_id=0, pad_to_multiple_of=None, token_days=[0, 0, 7, 365] + [0] * 12,
+                             tte_family_of_token=[-1, -1, -1, -1, 0, 0, 1, 2] + [-1] * 8, tte_max_positions=4)
+    rows = [{"input_ids": [1, 4, 2, 6, 3, 7, 2, 4], "prs": [0.5] * 5, "prs_mask": True},
+            {"input_ids": [1, 6, 2, 5], "prs": [0.0] * 5, "prs_mask": False}]
+    batch = collate(rows)
+    out = model(**batch)
+    assert torch.isfinite(out.tte_loss) and out.tte_loss > 0
+    out.loss.backward()
+    assert model.tte_head.time_proj.weight.grad.abs().sum() > 0
+    assert model.tte_head.hazard_shift.down.weight.grad is not None  # the genotyped row reaches the shift
+    # Hazards at the last real token equal those of the row scored alone (padding and prefix accounted for).
+    model.eval()
+    alone = model.tte_log_hazards(batch["input_ids"][1:, :4], batch["attention_mask"][1:, :4],
+                                  prs=batch["prs"][1:], prs_mask=batch["prs_mask"][1:])
+    both = model.tte_log_hazards(batch["input_ids"], batch["attention_mask"], prs=batch["prs"],
+                                 prs_mask=batch["prs_mask"])
+    torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
