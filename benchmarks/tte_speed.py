@@ -13,6 +13,8 @@ against the sampler, on random prompts of `--prompt-length` tokens; the ratio is
 
     python -m benchmarks.tte_speed                         # small preset, ~3 min on 2 cores
     python -m benchmarks.tte_speed --n-prs 3481 --families 1000
+    python -m benchmarks.tte_speed --skip-training --model demo_out/models/tte --meds demo_out/cohort/meds \
+        --labels demo_out/cohort/labels/t2d.parquet --codes 'ICD10CM/E11*'   # part 2 on a trained model, real prompts
 
 Goals (issue 20): head <= 1.30 x the step time; hazard >= 100 x the sampler's rows/s at K = 16.
 """
@@ -43,7 +45,32 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-training", action="store_true", help="part 2 only")
+    parser.add_argument("--model", help="part 2 on this trained model (with a TTE head) instead of a random one")
+    parser.add_argument("--meds", help="with --model: the MEDS data of the prompts")
+    parser.add_argument("--labels", help="with --model: label rows (held_out split) whose histories are the prompts")
+    parser.add_argument("--codes", nargs="+", default=["ICD10CM/E11*"], help="with --model: target codes")
     return parser.parse_args()
+
+
+def real_prompts(args: argparse.Namespace):
+    """(model, prompts, target token ids, family indices, token_days, stop ids) of a trained model's held-out rows."""
+    import polars as pl
+
+    from modeling_ehr_prs.readers import read_labels, read_meds_dataset
+    from modeling_ehr_prs.risk import load_model_and_tokenizer
+    from modeling_ehr_prs.time_to_event import target_families
+    from tokenizer import inputs_at_prediction_times
+
+    model, tokenizer, _ = load_model_and_tokenizer(args.model)
+    meds = read_meds_dataset(args.meds)
+    held = meds.subject_splits.filter(pl.col("split") == "held_out").get_column("subject_id")
+    labels = read_labels(args.labels).filter(pl.col("subject_id").is_in(held.implode())).head(args.rows)
+    data = inputs_at_prediction_times(meds, labels, tokenizer, split="held_out",
+                                      max_length=model.config.max_position_embeddings - 256)
+    stops = [tokenizer.eos_token_id] + [tokenizer.get_vocab()[c] for c in ("MEDS_DEATH",) if c in tokenizer.get_vocab()]
+    return (model.eval(), [list(x) for x in data["input_ids"]], tokenizer.code_token_ids(args.codes),
+            target_families(tokenizer, model.config.tte_families, args.codes), np.asarray(tokenizer.token_days), stops)
 
 
 def fake_vocabulary(vocab: int, families: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +118,8 @@ def main() -> None:
         optimizers[name].zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
+    if args.skip_training:
+        return risk_speed(args, models["lm+tte"], days, family, rng)
     for name in models:  # warm-up
         step(name)
     ratios, times = [], {k: [] for k in models}
@@ -102,25 +131,36 @@ def main() -> None:
     print(f"training step: LM only {statistics.median(times['lm']):.3f} s, with TTE head "
           f"{statistics.median(times['lm+tte']):.3f} s; ratio {statistics.median(ratios):.3f} (goal <= 1.30)")
 
-    # Part 2: hazard risk vs the sampling engine on the same model and prompts.
+    risk_speed(args, models["lm+tte"], days, family, rng)
+
+
+def risk_speed(args, model, days, family, rng) -> None:
+    """Part 2: hazard risk vs the sampling engine on the same model and prompts."""
     from modeling_ehr_prs.risk import sample_risk
     from modeling_ehr_prs.time_to_event import hazard_risk
 
-    model = models["lm+tte"].eval()
-    prompts = [[1] + rng.integers(4, base.vocab_size, size=args.prompt_length - 1).tolist() for _ in range(args.rows)]
-    prs = torch.randn(args.rows, args.n_prs) if args.n_prs else None
-    mask = torch.ones(args.rows, dtype=torch.bool) if args.n_prs else None
-    target_ids = [int(i) for i in np.nonzero(family == 0)[0]]
+    if args.model:
+        model, prompts, target_ids, fam_idx, days, stops = real_prompts(args)
+        args.n_prs = 0  # prompts without PRS: both methods alike
+    else:
+        model = model.eval()
+        prompts = [[1] + rng.integers(4, model.config.vocab_size, size=args.prompt_length - 1).tolist()
+                   for _ in range(args.rows)]
+        target_ids, fam_idx, stops = [int(i) for i in np.nonzero(family == 0)[0]], [0], [2]
+    rows = len(prompts)
+    prs = torch.randn(rows, args.n_prs) if args.n_prs else None
+    mask = torch.ones(rows, dtype=torch.bool) if args.n_prs else None
     t0 = time.perf_counter()
-    hazard_risk(model, prompts, [0], [730.0], prs, mask, progress=False)
-    hazard_rate = args.rows / (time.perf_counter() - t0)
-    n_sampled = max(4, args.rows // 8)  # the sampler is slow: time fewer rows
+    hazard_risk(model, prompts, fam_idx, [730.0], prs, mask, progress=False)
+    hazard_rate = rows / (time.perf_counter() - t0)
+    n_sampled = max(4, rows // 8)  # the sampler is slow: time fewer rows
     t0 = time.perf_counter()
     sample_risk(model, prompts[:n_sampled], target_ids, torch.tensor(days), 730.0, "survival", args.samples,
                 prs[:n_sampled] if prs is not None else None, mask[:n_sampled] if mask is not None else None,
-                [2], 0, 256, 256, args.seed, progress=False)
+                stops, 0, 256, 256, args.seed, progress=False)
     sample_rate = n_sampled / (time.perf_counter() - t0)
-    print(f"risk: hazard {hazard_rate:.1f} rows/s, survival sampling at K={args.samples} {sample_rate:.2f} rows/s; "
+    print(f"risk ({'model ' + args.model if args.model else 'random model'}, {rows} rows): "
+          f"hazard {hazard_rate:.1f} rows/s, survival sampling at K={args.samples} {sample_rate:.2f} rows/s; "
           f"ratio {hazard_rate / sample_rate:.0f}x (goal >= 100x)")
 
 
