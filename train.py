@@ -378,8 +378,12 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
     if args.freeze_backbone:
         if args.prs_fusion == "none":
             raise InputError("--freeze-backbone with --prs-fusion none would train nothing")
+        # The genomic adapters train, and the TTE head's PRS shift; a TTE head new to this checkpoint
+        # trains whole (it has nothing to keep), one the checkpoint brought stays as it was.
+        new_head = config.has_tte_head and not base.has_tte_head
         for name, param in model.named_parameters():
-            param.requires_grad = "prs" in name or "tte_head" in name  # the adapters and the TTE head train
+            param.requires_grad = ("prs" in name or "hazard_shift" in name
+                                   or (new_head and name.startswith("tte_head.")))
     return model
 
 
@@ -590,6 +594,12 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         fit_report = fit_logit_bias(model, tokenizer, train_ds, full_tuning, batch_size=args.batch_size,
                                     max_length=max_seq_length, prs_columns=columns, seed=args.seed)
         result = None
+        if model.tte_head is not None and any(p.requires_grad for p in model.tte_head.parameters()):
+            # The TTE head's PRS shift (or a new head) has no closed form here: gradient steps on it
+            # alone, the fitted logit bias and the frozen decoder left as they are.
+            for param in model.prs_logit_bias.parameters():
+                param.requires_grad = False
+            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     else:
         try:
             result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

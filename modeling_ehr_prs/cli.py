@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("modeling_ehr_prs.predict", "MEDS predictions of a fine-tuned classifier (base + LoRA adapter, or a probe/full folder)"),
     "fewshot": ("modeling_ehr_prs.fewshot", "few-shot sweep: AUROC vs K for LoRA, probe and GBM+PRS over seeds, with CIs and a plot"),
     "push": ("modeling_ehr_prs.hub", "model card + Hub upload (remote code, tokenizer, PRS standardiser, adapter; --gated)"),
+    "view": ("modeling_ehr_prs.view", "one person's record, risk curve, genomic what-if and sampled futures as a self-contained HTML page"),
+    "whatif": ("modeling_ehr_prs.whatif", "cohort genomic what-if: risk by PRS decile within ancestry with the genotype present and removed, AUROC/calibration change by ancestry"),
 }
 
 

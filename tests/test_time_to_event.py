@@ -365,3 +365,33 @@ def test_prefix_and_cross_attention_models_train_with_the_head(fusion):
     both = model.tte_log_hazards(batch["input_ids"], batch["attention_mask"], prs=batch["prs"],
                                  prs_mask=batch["prs_mask"])
     torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_tte_backbone_gains_a_genomic_hazard_shift(tiny_data, tmp_path):
+    """--init-from an EHR-only TTE model, --freeze-backbone --prs-fusion logit_bias: the logit bias is fitted
+    in closed form, the hazard shift by gradient; the decoder and the head stay exactly as they were."""
+    from transformers import AutoModelForCausalLM
+
+    def args(out, **kw):
+        base = dict(data=str(tiny_data / "tok"), output_dir=str(out), preset="tiny", max_steps=4, batch_size=4,
+                    learning_rate=3e-2, warmup_steps=0, eval_steps=4, save_steps=4, logging_steps=1,
+                    max_eval_samples=8, max_seq_length=128, seed=7)
+        base.update(kw)
+        return train.PretrainArguments(**base)
+
+    ehr = train.train(args(tmp_path / "ehr", prs_fusion="none", config_overrides=TINY, tte_families=20))
+    ext = train.train(args(tmp_path / "ext", prs_fusion="logit_bias", init_from=str(ehr), freeze_backbone=True))
+    a = AutoModelForCausalLM.from_pretrained(ehr).eval()
+    b = AutoModelForCausalLM.from_pretrained(ext).eval()
+    assert b.config.tte_families == a.config.tte_families and b.tte_head.hazard_shift is not None
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # decoder and head untouched
+    assert b.tte_head.hazard_shift.up.abs().sum() > 0  # the shift learned something
+    ids = torch.tensor([[1] + list(range(10, 30))])
+    prs = torch.randn(1, b.config.n_prs)
+    # Not genotyped: the backbone's hazards (two loaded models: equal up to float summation order).
+    torch.testing.assert_close(b.tte_log_hazards(ids, prs=prs, prs_mask=torch.tensor([False])), a.tte_log_hazards(ids),
+                               rtol=0, atol=1e-5)
+    assert not torch.equal(b.tte_log_hazards(ids, prs=prs, prs_mask=torch.tensor([True])), a.tte_log_hazards(ids))
+    summary = json.loads((ext / "training_summary.json").read_text())
+    assert "logit_bias_fit" in summary and summary["steps"] == 4
