@@ -31,8 +31,10 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests
 
+# demo.sh, then patient pages (ehr-prs view) and the cohort genomic what-if (ehr-prs whatif) from its models
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DEMO_SUBJECTS=$(DEMO_SUBJECTS) bash scripts/demo.sh $(DEMO_DIR)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo_view.sh $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR)

@@ -121,6 +121,9 @@ class PretrainArguments:
     tte_prs_rank: int = field(
         default=8, metadata={"help": "Rank of the PRS -> log-hazard shift of the TTE head (models that read the PRS)."}
     )
+    tte_history_summary: bool = field(
+        default=False, metadata={"help": "The TTE head also reads the mean hidden state of the history so far."}
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Comma-separated config edits on top of the preset, e.g. 'hidden_size=128,num_hidden_layers=2'; "
@@ -298,7 +301,8 @@ def parse_overrides(text: str | None) -> dict:
 ADAPTER_FIELDS = ("prs_tokens", "prs_adapter_hidden_size", "prs_cross_attention_layers", "prs_dropout",
                   "prs_centered", "prs_logit_bias_rank")
 # Fields of the time-to-event head: --init-from may add a head to a checkpoint without one.
-TTE_FIELDS = ("tte_families", "tte_loss_weight", "tte_rank", "tte_prs_rank", "tte_time_bins", "tte_max_positions")
+TTE_FIELDS = ("tte_families", "tte_loss_weight", "tte_rank", "tte_prs_rank", "tte_time_bins", "tte_max_positions",
+              "tte_history_summary")
 
 
 def choose_tte_families(tokenizer, train_ds, cap: int) -> list[str]:
@@ -331,7 +335,8 @@ def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: 
         overrides["prs_dropout"] = args.prs_dropout
     if args.tte_families:
         overrides.update(tte_families=choose_tte_families(tokenizer, train_ds, args.tte_families),
-                         tte_loss_weight=args.tte_loss_weight, tte_rank=args.tte_rank, tte_prs_rank=args.tte_prs_rank)
+                         tte_loss_weight=args.tte_loss_weight, tte_rank=args.tte_rank, tte_prs_rank=args.tte_prs_rank,
+                         tte_history_summary=args.tte_history_summary)
     if args.init_from is None:
         if args.preset not in PRESETS:
             raise InputError(f"--preset {args.preset!r} is not one of {sorted(PRESETS)}")

@@ -116,6 +116,9 @@ class EhrPrsConfig(PretrainedConfig):
         tte_prs_rank (int): rank of the genomic adapter on hazards (PRS -> rank liabilities ->
             a log-hazard shift per family, proportional hazards). Used when the model reads the PRS
             (n_prs > 0 and prs_fusion != "none"); 0 turns the shift off.
+        tte_history_summary (bool): the head reads, beside a position's own hidden state, the mean of the
+            hidden states of the record up to it (a summary of the whole history, which the last
+            state alone carries only as far as next-token prediction needed it).
 
     Every value is checked when the config is built, when a model is built from it and when it is
     saved: a wrong value raises ValueError naming the field and what is allowed.
@@ -153,6 +156,7 @@ class EhrPrsConfig(PretrainedConfig):
     tte_loss_weight: float = 1.0
     tte_max_positions: int = 32
     tte_prs_rank: int = 8
+    tte_history_summary: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:
@@ -268,6 +272,8 @@ class EhrPrsConfig(PretrainedConfig):
         for name in ("tte_rank", "tte_max_positions"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("tte_prs_rank", self.tte_prs_rank, minimum=0)
+        if not isinstance(self.tte_history_summary, bool):
+            raise ValueError(f"tte_history_summary must be true or false, got {self.tte_history_summary!r}")
         w = self.tte_loss_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
             raise ValueError(f"tte_loss_weight must be a number >= 0, got {w!r}")

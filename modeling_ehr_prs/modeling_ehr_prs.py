@@ -347,7 +347,8 @@ class EhrPrsTimeToEventHead(nn.Module):
     def __init__(self, config: EhrPrsConfig) -> None:
         super().__init__()
         self.n_bins, self.n_families, self.rank = len(config.tte_time_bins), len(config.tte_families), config.tte_rank
-        self.time_proj = nn.Linear(config.hidden_size, self.n_bins * self.rank, bias=False)
+        width = config.hidden_size * (2 if config.tte_history_summary else 1)  # [state ; history mean]
+        self.time_proj = nn.Linear(width, self.n_bins * self.rank, bias=False)
         self.family_embed = nn.Parameter(torch.zeros(self.n_families, self.rank))  # (families, r)
         self.family_bias = nn.Parameter(torch.zeros(self.n_families, self.n_bins))  # (families, bins)
         starts = torch.tensor(config.tte_time_bins, dtype=torch.float) / DAYS_PER_YEAR  # (bins,) years
@@ -813,7 +814,7 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
             last = torch.full((b,), s - 1, device=device, dtype=torch.long)
         time_days, event, at_risk = tte_pairs(positions, first_index, days, last)  # (b, P, F) each
         pos = positions.clamp(min=0)
-        h = hidden_states[torch.arange(b, device=device)[:, None], pos]  # (b, P, d)
+        h = self._head_input(hidden_states, attention_mask)[torch.arange(b, device=device)[:, None], pos]  # (b, P, d')
         shift = None
         if self.tte_head.hazard_shift is not None:
             shift = self.tte_head.hazard_shift(prs, prs_mask, b)  # (b, F)
@@ -823,6 +824,16 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
             log_hazard, time_days.reshape(b * pos.shape[1], -1) / DAYS_PER_YEAR,
             event.reshape(b * pos.shape[1], -1), at_risk.reshape(b * pos.shape[1], -1))
         return nll / pairs.clamp(min=1)
+
+    def _head_input(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(b, s, d) -> what the TTE head reads at each position: the state, or [state ; mean of states so far]."""
+        if not self.config.tte_history_summary:
+            return hidden_states
+        real = (attention_mask.to(hidden_states.device, hidden_states.dtype) if attention_mask is not None
+                else hidden_states.new_ones(hidden_states.shape[:2]))  # (b, s)
+        total = torch.cumsum(hidden_states * real[..., None], dim=1)  # (b, s, d) pads add nothing
+        count = torch.cumsum(real, dim=1).clamp(min=1.0)[..., None]  # (b, s, 1)
+        return torch.cat([hidden_states, total / count], dim=-1)  # (b, s, 2d)
 
     @torch.no_grad()
     def tte_log_hazards(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
@@ -843,7 +854,7 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         else:
             real = attention_mask.to(hidden_states.device).bool()
             last = s - 1 - real.flip(-1).int().argmax(-1)  # (b,) the last real token
-        h = hidden_states[torch.arange(b, device=hidden_states.device), last]  # (b, d)
+        h = self._head_input(hidden_states, attention_mask)[torch.arange(b, device=hidden_states.device), last]  # (b, d')
         shift = self.tte_head.hazard_shift(prs, prs_mask, b) if self.tte_head.hazard_shift is not None else None
         return self.tte_head(h, shift)
 

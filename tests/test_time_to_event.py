@@ -343,11 +343,13 @@ def test_an_ehr_only_checkpoint_gains_a_head_with_init_from(tiny_lm, tiny_data, 
     assert len(config["tte_families"]) == 10
 
 
-@pytest.mark.parametrize("fusion", ["prefix", "cross_attention"])
-def test_prefix_and_cross_attention_models_train_with_the_head(fusion):
-    """The head reads event positions only: a prefix shifts nothing, and both fusions train with it."""
+@pytest.mark.parametrize("fusion,summary", [("prefix", False), ("cross_attention", False), ("logit_bias", True)])
+def test_prefix_and_cross_attention_models_train_with_the_head(fusion, summary):
+    """The head reads event positions only: a prefix shifts nothing, and every fusion trains with it
+    (also with the history summary, whose padded positions must add nothing)."""
     torch.manual_seed(0)
-    model = EhrPrsForCausalLM(tte_config(n_prs=5, prs_fusion=fusion, prs_dropout=0.0)).train()
+    model = EhrPrsForCausalLM(tte_config(n_prs=5, prs_fusion=fusion, prs_dropout=0.0,
+                                         tte_history_summary=summary)).train()
     collate = EhrPrsCollator(pad_token_id=0, pad_to_multiple_of=None, token_days=[0, 0, 7, 365] + [0] * 12,
                              tte_family_of_token=[-1, -1, -1, -1, 0, 0, 1, 2] + [-1] * 8, tte_max_positions=4)
     rows = [{"input_ids": [1, 4, 2, 6, 3, 7, 2, 4], "prs": [0.5] * 5, "prs_mask": True},
@@ -365,6 +367,10 @@ def test_prefix_and_cross_attention_models_train_with_the_head(fusion):
     both = model.tte_log_hazards(batch["input_ids"], batch["attention_mask"], prs=batch["prs"],
                                  prs_mask=batch["prs_mask"])
     torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
+    if summary:  # the head reads [state ; mean of the states so far]
+        hidden = model.model(input_ids=batch["input_ids"][1:, :4]).last_hidden_state  # (1, 4, d)
+        x = model._head_input(hidden, None)
+        torch.testing.assert_close(x[0, 2, 16:], hidden[0, :3].mean(0))
 
 
 def test_a_frozen_tte_backbone_gains_a_genomic_hazard_shift(tiny_data, tmp_path):
