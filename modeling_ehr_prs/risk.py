@@ -639,6 +639,9 @@ def run(args: argparse.Namespace) -> None:
               ", control variates not applied (they need --samples >= 2 and about "
               f"{CV_MIN_PATHS_PER_FEATURE * min(len(tokenizer.token_days), CV_MAX_FEATURES) * 2} paths in all)")
     refit_note = f", incidence refit {args.incidence_refit}" if args.incidence_refit else ""
+    # One path per row (K = 1) has no spread to estimate: say so rather than average nothing.
+    finite = scores.stderr[np.isfinite(scores.stderr)]
+    mc_stderr = f"{finite.mean():.4f}" if finite.size else "n/a (K = 1)"
     print(f"wrote {args.out}: {frame.height} rows, method {args.method}, K={args.samples}, "
           f"mean risk {frame['predicted_boolean_probability'].mean():.4f}, "
-          f"mean MC standard error {np.nanmean(scores.stderr):.4f}{cv}{refit_note}")
+          f"mean MC standard error {mc_stderr}{cv}{refit_note}")
