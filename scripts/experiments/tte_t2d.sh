@@ -14,6 +14,7 @@
 # tokens, learning rate 2e-3) plus the TTE head over every code family first seen in >= 20 train subjects.
 set -euo pipefail
 OUT=$1; SUBJECTS=${2:-20000}; SEED=${3:-0}; N_PRS=${4:-128}; VARIANT=${5:-w10s}
+STEPS=${TTE_STEPS:-1000}; PRESET=${TTE_PRESET:-small}  # smaller for a smoke test
 case "$VARIANT" in
   w1) TTE="--tte-loss-weight 1" ;;
   w10) TTE="--tte-loss-weight 10" ;;
@@ -25,8 +26,8 @@ C="$OUT/cohort"
 ehr-prs simulate --overwrite --out "$C" --subjects "$SUBJECTS" --n-prs "$N_PRS" --seed "$SEED" --split-fractions 0.6,0.1,0.3
 ehr-prs tokenize --overwrite --meds "$C/meds" --prs "$C/prs.parquet" --out "$OUT/tok" --max-length 512
 pretrain() {  # pretrain FUSION
-  ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/$1" --prs-fusion "$1" --preset small \
-    --max-steps 1000 --batch-size 16 --max-seq-length 512 --learning-rate 2e-3 --warmup-steps 50 --eval-steps 1000 \
+  ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/$1" --prs-fusion "$1" --preset "$PRESET" \
+    --max-steps "$STEPS" --batch-size 16 --max-seq-length 512 --learning-rate 2e-3 --warmup-steps 50 --eval-steps 1000 \
     --save-steps 1000 --save-total-limit 1 --logging-steps 100 --max-eval-samples 512 --tte-families 1000 $TTE \
     > "$OUT/pretrain_$1.log" 2>&1
 }
