@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from modeling_ehr_prs.time_to_event import tte_targets
+
 
 @dataclass
 class EhrPrsCollator:
@@ -62,8 +64,6 @@ class EhrPrsCollator:
         elif self.with_labels:
             batch["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         if self.tte_family_of_token is not None:
-            from modeling_ehr_prs.time_to_event import tte_targets
-
             n_families = int(self.tte_family_of_token.max()) + 1 if self.tte_family_of_token.size else 0
             targets = [tte_targets(np.asarray(x), self.token_days, self.tte_family_of_token, n_families, width,
                                    self.tte_max_positions) for x in ids]

@@ -259,6 +259,24 @@ class EhrPrsGenomicAdapter(nn.Module):
         return self.norm(tokens)
 
 
+def low_rank_prs_shift(adapter: nn.Module, prs, prs_mask, batch_size: int) -> torch.Tensor:
+    """down(prs) @ up.T (b, outputs) of a low-rank PRS adapter (`down`, `up`, `n_prs`, `prs_dropout`).
+
+    Rows without genotype (or hidden by prs_dropout in training) get exactly 0; their scores, NaN
+    included, never reach `down`. Shared by the logit-bias adapter and the TTE head's hazard shift.
+    """
+    device = adapter.up.device
+    prs = prs.to(device) if prs is not None else None
+    prs_mask = prs_mask.to(device) if prs_mask is not None else None
+    genotyped = genotyped_rows(prs, prs_mask, batch_size, adapter.n_prs,
+                               adapter.prs_dropout if adapter.training else 0.0, device)  # (b,)
+    shift = adapter.up.new_zeros(batch_size, adapter.up.shape[0])  # (b, outputs)
+    if prs is not None and adapter.n_prs > 0:
+        x = torch.where(genotyped[:, None], prs, 0.0).to(adapter.down.weight.dtype)  # (b, n_prs)
+        shift = torch.where(genotyped[:, None], adapter.down(x) @ adapter.up.T, shift)
+    return shift
+
+
 class EhrPrsLogitBias(nn.Module):
     """Standardised PRS (b, n_prs) -> a shift of every next-token logit (b, vocab): down(prs) @ up.T.
 
@@ -284,15 +302,7 @@ class EhrPrsLogitBias(nn.Module):
         if _has_memory(cache, self.cache_idx):
             shift = cache.layers[self.cache_idx].keys[:, 0, 0]  # (b, vocab)
             return shift
-        device = self.up.device
-        prs = prs.to(device) if prs is not None else None
-        prs_mask = prs_mask.to(device) if prs_mask is not None else None
-        genotyped = genotyped_rows(prs, prs_mask, batch_size, self.n_prs,
-                                   self.prs_dropout if self.training else 0.0, device)  # (b,)
-        shift = self.up.new_zeros(batch_size, self.up.shape[0])  # (b, vocab)
-        if prs is not None and self.n_prs > 0:
-            x = torch.where(genotyped[:, None], prs, 0.0).to(self.down.weight.dtype)  # (b, n_prs); NaN never reaches it
-            shift = torch.where(genotyped[:, None], self.down(x) @ self.up.T, shift)
+        shift = low_rank_prs_shift(self, prs, prs_mask, batch_size)  # (b, vocab)
         if cache is not None:
             while len(cache.layers) <= self.cache_idx:
                 cache.layers.append(DynamicLayer())
@@ -322,16 +332,7 @@ class EhrPrsHazardShift(nn.Module):
 
     def forward(self, prs, prs_mask, batch_size: int) -> torch.Tensor:
         """(b, families) log-hazard shift; zero rows for subjects without genotype."""
-        device = self.up.device
-        prs = prs.to(device) if prs is not None else None
-        prs_mask = prs_mask.to(device) if prs_mask is not None else None
-        genotyped = genotyped_rows(prs, prs_mask, batch_size, self.n_prs,
-                                   self.prs_dropout if self.training else 0.0, device)  # (b,)
-        shift = self.up.new_zeros(batch_size, self.up.shape[0])  # (b, families)
-        if prs is not None:
-            x = torch.where(genotyped[:, None], prs, 0.0).to(self.down.weight.dtype)  # (b, n_prs); NaN never reaches it
-            shift = torch.where(genotyped[:, None], self.down(x) @ self.up.T, shift)
-        return shift
+        return low_rank_prs_shift(self, prs, prs_mask, batch_size)
 
 
 class EhrPrsTimeToEventHead(nn.Module):

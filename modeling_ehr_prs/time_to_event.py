@@ -132,34 +132,30 @@ def cumulative_hazard(log_hazard: torch.Tensor, bin_starts_years: torch.Tensor, 
 @torch.no_grad()
 def hazard_risk(model, input_ids: Sequence[Sequence[int]], family_idx: Sequence[int], horizons_days: Sequence[float],
                 prs: torch.Tensor | None = None, prs_mask: torch.Tensor | None = None, pad_token_id: int = 0,
-                batch_size: int = 64, start_days: np.ndarray | None = None, progress: bool = True) -> np.ndarray:
+                batch_size: int = 64, progress: bool = True) -> np.ndarray:
     """Risk of a first occurrence of any of `family_idx` within each horizon: (rows, H), in [0, 1].
 
-    One forward pass per prompt (batched, right-padded, sorted by length so that a batch pads
-    little); risk = 1 - exp(-sum over the families of their cumulative hazards), i.e. the families'
-    first occurrences treated as independent given the history. Deterministic.
+    One forward pass per prompt (batched through the training collator, sorted by length so that a
+    batch pads little); risk = 1 - exp(-sum over the families of their cumulative hazards), i.e. the
+    families' first occurrences treated as independent given the history. Deterministic.
     """
     from tqdm.auto import tqdm
 
+    from modeling_ehr_prs.collator import EhrPrsCollator
+
+    collate = EhrPrsCollator(pad_token_id=pad_token_id, with_labels=False, pad_to_multiple_of=None)
     device = next(model.parameters()).device
-    rows = len(input_ids)
     order = np.argsort([len(x) for x in input_ids], kind="stable")
-    out = np.zeros((rows, len(horizons_days)), dtype=np.float64)
+    out = np.zeros((len(input_ids), len(horizons_days)), dtype=np.float64)
     fam = torch.as_tensor(list(family_idx), dtype=torch.long)
-    bins = model.tte_head.bin_starts
-    for lo in tqdm(range(0, rows, batch_size), desc="hazard risk", unit="batch", disable=not progress):
+    for lo in tqdm(range(0, len(order), batch_size), desc="hazard risk", unit="batch", disable=not progress):
         idx = order[lo: lo + batch_size]
-        width = max(len(input_ids[i]) for i in idx)
-        batch = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for j, i in enumerate(idx):
-            x = input_ids[i]
-            batch[j, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-            mask[j, : len(x)] = 1
+        batch = collate([{"input_ids": input_ids[i]} for i in idx])
         p = prs[idx].to(device) if prs is not None else None
         pm = prs_mask[idx].to(device) if prs_mask is not None else None
-        log_h = model.tte_log_hazards(batch.to(device), mask.to(device), prs=p, prs_mask=pm)  # (b, bins, F)
-        start = 0.0 if start_days is None else torch.as_tensor(start_days[idx], dtype=torch.float64)
-        cum = cumulative_hazard(log_h[:, :, fam.to(log_h.device)], bins, start, horizons_days)  # (b, H, |fam|)
+        log_h = model.tte_log_hazards(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                      prs=p, prs_mask=pm)  # (b, bins, F)
+        cum = cumulative_hazard(log_h[:, :, fam.to(log_h.device)], model.tte_head.bin_starts, 0.0,
+                                horizons_days)  # (b, H, |fam|)
         out[idx] = (-torch.expm1(-cum.sum(-1))).cpu().numpy()
     return out

@@ -51,3 +51,16 @@ def tiny_lm(tiny_data):
         max_steps=4, batch_size=4, learning_rate=3e-3, warmup_steps=0, eval_steps=4, save_steps=4, logging_steps=2,
         max_eval_samples=8, max_seq_length=128, config_overrides=TINY_OVERRIDES, seed=7)
     return train.train(args)
+
+
+@pytest.fixture(scope="session")
+def tiny_tte_lm(tiny_data, tmp_path_factory):
+    """A tiny EHR+PRS (logit bias) causal LM with a 40-family time-to-event head, 6 steps (read-only)."""
+    import train
+
+    args = train.PretrainArguments(
+        data=str(tiny_data / "tok"), output_dir=str(tmp_path_factory.mktemp("tiny_tte") / "lm"), preset="tiny",
+        prs_fusion="logit_bias", max_steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=0, eval_steps=3,
+        save_steps=3, logging_steps=1, max_eval_samples=8, max_seq_length=128, config_overrides=TINY_OVERRIDES,
+        seed=7, tte_families=40)
+    return train.train(args)

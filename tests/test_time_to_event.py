@@ -200,27 +200,16 @@ def test_the_loss_trains_the_head_toward_the_observed_rate():
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tte_lm(tiny_data, tmp_path_factory) -> Path:
-    """A tiny EHR+PRS (logit bias) model with a 40-family TTE head, 6 steps."""
-    out = tmp_path_factory.mktemp("tte") / "lm"
-    args = train.PretrainArguments(
-        data=str(tiny_data / "tok"), output_dir=str(out), preset="tiny", prs_fusion="logit_bias", max_steps=6,
-        batch_size=4, learning_rate=3e-3, warmup_steps=0, eval_steps=3, save_steps=3, logging_steps=1,
-        max_eval_samples=8, max_seq_length=128, config_overrides=TINY, seed=7, tte_families=40)
-    return train.train(args)
-
-
-def test_pretraining_with_the_head_saves_and_reloads_it(tte_lm, tiny_data):
+def test_pretraining_with_the_head_saves_and_reloads_it(tiny_tte_lm, tiny_data):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tte_lm).eval()
-    config = json.loads((tte_lm / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_tte_lm).eval()
+    config = json.loads((tiny_tte_lm / "config.json").read_text())
     assert len(config["tte_families"]) == 40 and config["tte_time_bins"][0] == 0
     assert model.tte_head is not None and model.tte_head.hazard_shift is not None
-    state = json.loads(sorted(tte_lm.glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+    state = json.loads(sorted(tiny_tte_lm.glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
     assert all(np.isfinite(h["loss"]) for h in state["log_history"] if "loss" in h)
-    again = AutoModelForCausalLM.from_pretrained(tte_lm).eval()
+    again = AutoModelForCausalLM.from_pretrained(tiny_tte_lm).eval()
     ids = torch.tensor([[1] + list(range(10, 30))])
     torch.testing.assert_close(model.tte_log_hazards(ids), again.tte_log_hazards(ids), rtol=0, atol=0)
     # The summed loss holds both parts, and the TTE part is finite and positive.
@@ -228,7 +217,7 @@ def test_pretraining_with_the_head_saves_and_reloads_it(tte_lm, tiny_data):
 
     from tokenizer import EhrTokenizer
 
-    tok = EhrTokenizer.from_pretrained(str(tte_lm))
+    tok = EhrTokenizer.from_pretrained(str(tiny_tte_lm))
     rows = [load_from_disk(str(tiny_data / "tok" / "tuning"))[i] for i in range(4)]
     batch = EhrPrsCollator(pad_token_id=tok.pad_token_id, **train.tte_collator_fields(model.config, tok))(rows)
     with torch.no_grad():
@@ -237,10 +226,10 @@ def test_pretraining_with_the_head_saves_and_reloads_it(tte_lm, tiny_data):
     torch.testing.assert_close(out.loss, out.lm_loss + model.config.tte_loss_weight * out.tte_loss)
 
 
-def test_risk_hazard_curve_and_no_future_leakage(tte_lm, tiny_data, tmp_path):
+def test_risk_hazard_curve_and_no_future_leakage(tiny_tte_lm, tiny_data, tmp_path):
     cohort = tiny_data / "cohort"
     out = tmp_path / "h.parquet"
-    common = ["--model", str(tte_lm), "--prs", str(cohort / "prs.parquet"),
+    common = ["--model", str(tiny_tte_lm), "--prs", str(cohort / "prs.parquet"),
               "--labels", str(cohort / "labels" / "t2d.parquet"), "--codes", "ICD10CM/E11*", "--horizon-days", "730",
               "--method", "hazard"]
     assert cli(["risk", "--meds", str(cohort / "meds"), *common, "--horizons", "365", "1095", "--out", str(out)]) == 0
@@ -273,27 +262,27 @@ def test_risk_hazard_curve_and_no_future_leakage(tte_lm, tiny_data, tmp_path):
     np.testing.assert_array_equal(pl.read_parquet(out2)["predicted_boolean_probability"].to_numpy(), p)
 
 
-def test_risk_hazard_refuses_a_model_without_a_head_and_unknown_families(tiny_lm, tte_lm, tiny_data, tmp_path, capsys):
+def test_risk_hazard_refuses_a_model_without_a_head_and_unknown_families(tiny_lm, tiny_tte_lm, tiny_data, tmp_path, capsys):
     cohort = tiny_data / "cohort"
     base = ["risk", "--meds", str(cohort / "meds"), "--labels", str(cohort / "labels" / "t2d.parquet"),
             "--horizon-days", "730", "--method", "hazard", "--out", str(tmp_path / "x.parquet")]
     assert cli([*base, "--model", str(tiny_lm), "--codes", "ICD10CM/E11*"]) == 2
     assert "time-to-event head" in capsys.readouterr().err
-    config = json.loads((tte_lm / "config.json").read_text())
+    config = json.loads((tiny_tte_lm / "config.json").read_text())
     from tokenizer import EhrTokenizer
 
-    tok = EhrTokenizer.from_pretrained(str(tte_lm))
+    tok = EhrTokenizer.from_pretrained(str(tiny_tte_lm))
     rare = next(t for t in tok.get_vocab() if tok._is_code(t) and code_family(t) not in config["tte_families"])
-    assert cli([*base, "--model", str(tte_lm), "--codes", rare]) == 2
+    assert cli([*base, "--model", str(tiny_tte_lm), "--codes", rare]) == 2
     assert "does not predict" in capsys.readouterr().err
     assert not (tmp_path / "x.parquet").exists()
 
 
-def test_the_head_loads_as_hub_remote_code_in_a_clean_process(tte_lm, tmp_path):
+def test_the_head_loads_as_hub_remote_code_in_a_clean_process(tiny_tte_lm, tmp_path):
     from transformers import AutoModelForCausalLM
 
     ids = torch.tensor([[1] + list(range(10, 40))])
-    expected = AutoModelForCausalLM.from_pretrained(tte_lm).eval().tte_log_hazards(ids)
+    expected = AutoModelForCausalLM.from_pretrained(tiny_tte_lm).eval().tte_log_hazards(ids)
     torch.save({"ids": ids, "expected": expected}, tmp_path / "io.pt")  # our own file, written by this test
     script = textwrap.dedent(f"""
         import importlib.util, sys
@@ -302,7 +291,7 @@ def test_the_head_loads_as_hub_remote_code_in_a_clean_process(tte_lm, tmp_path):
         import torch
         from transformers import AutoModelForCausalLM
         io = torch.load({str(tmp_path / "io.pt")!r})
-        lm = AutoModelForCausalLM.from_pretrained({str(tte_lm)!r}, trust_remote_code=True).eval()
+        lm = AutoModelForCausalLM.from_pretrained({str(tiny_tte_lm)!r}, trust_remote_code=True).eval()
         print("RESULT", type(lm).__module__, (lm.tte_log_hazards(io["ids"]) - io["expected"]).abs().max().item())
     """)
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", ""),

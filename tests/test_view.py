@@ -39,17 +39,6 @@ FAST = ["--samples", "4", "--max-new-tokens", "32", "--curve-points", "2", "--co
 
 
 @pytest.fixture(scope="module")
-def tte_lm(tiny_data, tmp_path_factory) -> Path:
-    """A tiny EHR+PRS (logit bias) model with a 40-family TTE head, 6 steps (as in test_time_to_event)."""
-    out = tmp_path_factory.mktemp("view_tte") / "lm"
-    args = train.PretrainArguments(
-        data=str(tiny_data / "tok"), output_dir=str(out), preset="tiny", prs_fusion="logit_bias", max_steps=6,
-        batch_size=4, learning_rate=3e-3, warmup_steps=0, eval_steps=3, save_steps=3, logging_steps=1,
-        max_eval_samples=8, max_seq_length=128, config_overrides=TINY, seed=7, tte_families=40)
-    return train.train(args)
-
-
-@pytest.fixture(scope="module")
 def ehr_only_lm(tiny_data, tmp_path_factory) -> Path:
     """A tiny EHR-only model (no genomic adapter), 2 steps."""
     out = tmp_path_factory.mktemp("view_none") / "lm"
@@ -109,15 +98,15 @@ def risk_of(model, tiny_data, labels, out, *extra, prs=True) -> np.ndarray:
 # ----------------------------------------------------------------------------- the numbers
 
 
-def test_hazard_page_equals_risk_and_its_no_genotype_curve_is_the_ehr_only_prediction(tte_lm, tiny_data, rows, tmp_path):
+def test_hazard_page_equals_risk_and_its_no_genotype_curve_is_the_ehr_only_prediction(tiny_tte_lm, tiny_data, rows, tmp_path):
     row = rows["frame"].row(0, named=True)
     out = tmp_path / "page.html"
-    assert cli(view_args(tte_lm, tiny_data, row, out) + ["--cohort-rows", "30", "--futures", "1"]) == 0
+    assert cli(view_args(tiny_tte_lm, tiny_data, row, out) + ["--cohort-rows", "30", "--futures", "1"]) == 0
     d = page_data(out.read_text())
     assert d["method"] == "hazard" and d["genotyped"] and d["curves"]["own"]["horizon_days"][-1] == 730
-    with_prs = risk_of(tte_lm, tiny_data, rows["one"][0], tmp_path / "r.parquet", "--method", "hazard",
+    with_prs = risk_of(tiny_tte_lm, tiny_data, rows["one"][0], tmp_path / "r.parquet", "--method", "hazard",
                        "--horizons", "365")
-    without = risk_of(tte_lm, tiny_data, rows["one"][0], tmp_path / "r0.parquet", "--method", "hazard", prs=False)
+    without = risk_of(tiny_tte_lm, tiny_data, rows["one"][0], tmp_path / "r0.parquet", "--method", "hazard", prs=False)
     # The same numbers (up to the last bit or two: the curve's 60 horizons go through one matrix product).
     assert d["risk_at_horizon"]["own"] == pytest.approx(with_prs[0], rel=1e-12)
     assert d["risk_at_horizon"]["no_genotype"] == pytest.approx(without[0], rel=1e-12)
@@ -132,7 +121,7 @@ def test_hazard_page_equals_risk_and_its_no_genotype_curve_is_the_ehr_only_predi
     from modeling_ehr_prs.readers import read_meds_dataset, read_prs_table
     from tokenizer import inputs_at_prediction_times
 
-    model, tok, std = load_model_and_tokenizer(tte_lm)
+    model, tok, std = load_model_and_tokenizer(tiny_tte_lm)
     meds, prs = read_meds_dataset(tiny_data / "cohort" / "meds"), read_prs_table(tiny_data / "cohort" / "prs.parquet")
     data = inputs_at_prediction_times(meds, rows["frame"].slice(0, 1), tok, std, prs, split="held_out",
                                       max_length=model.config.max_position_embeddings)
@@ -165,23 +154,23 @@ def test_hazard_page_equals_risk_and_its_no_genotype_curve_is_the_ehr_only_predi
 
 
 @pytest.fixture(scope="module")
-def pages(tte_lm, tiny_data, rows, tmp_path_factory) -> Path:
+def pages(tiny_tte_lm, tiny_data, rows, tmp_path_factory) -> Path:
     """`--labels --rows 3` pages from sampled futures (logit-bias model): two genotyped people, one not."""
     out = tmp_path_factory.mktemp("view_pages") / "pages"
     cohort = tiny_data / "cohort"
-    assert cli(["view", "--model", str(tte_lm), "--meds", str(cohort / "meds"), "--prs", str(cohort / "prs.parquet"),
+    assert cli(["view", "--model", str(tiny_tte_lm), "--meds", str(cohort / "meds"), "--prs", str(cohort / "prs.parquet"),
                 "--labels", str(rows["three"]), "--rows", "3", *CODES, "--horizon-days", "730",
                 "--method", "survival", "--seed", "5", *FAST, "--out", str(out)]) == 0
     return out
 
 
-def test_sampled_pages_equal_risk_with_the_same_seed(pages, tte_lm, tiny_data, rows, tmp_path):
+def test_sampled_pages_equal_risk_with_the_same_seed(pages, tiny_tte_lm, tiny_data, rows, tmp_path):
     assert sorted(p.name for p in pages.iterdir()) == ["index.html", "plotly.min.js", "row_001.html", "row_002.html",
                                                        "row_003.html"]
     data = [page_data((pages / f"row_{i:03d}.html").read_text()) for i in (1, 2, 3)]
     sampling = ["--method", "survival", "--samples", "4", "--max-new-tokens", "32", "--seed", "5"]
-    with_prs = risk_of(tte_lm, tiny_data, rows["three"], tmp_path / "r.parquet", *sampling, "--limit", "3")
-    without = risk_of(tte_lm, tiny_data, rows["three"], tmp_path / "r0.parquet", *sampling, "--limit", "3", prs=False)
+    with_prs = risk_of(tiny_tte_lm, tiny_data, rows["three"], tmp_path / "r.parquet", *sampling, "--limit", "3")
+    without = risk_of(tiny_tte_lm, tiny_data, rows["three"], tmp_path / "r0.parquet", *sampling, "--limit", "3", prs=False)
     for i, d in enumerate(data):
         assert d["sampled"] and d["row_index"] == i and d["samples"] == 4
         assert d["risk_at_horizon"]["own"] == with_prs[i]
@@ -195,8 +184,8 @@ def test_sampled_pages_equal_risk_with_the_same_seed(pages, tte_lm, tiny_data, r
     # A one-row page (--subject) samples with row 0's numbers: equal to risk on a one-row label file.
     row = rows["frame"].row(1, named=True)
     out = tmp_path / "one.html"
-    assert cli(view_args(tte_lm, tiny_data, row, out) + ["--method", "survival", "--seed", "5", *FAST]) == 0
-    one = risk_of(tte_lm, tiny_data, rows["one"][1], tmp_path / "r1.parquet", *sampling)
+    assert cli(view_args(tiny_tte_lm, tiny_data, row, out) + ["--method", "survival", "--seed", "5", *FAST]) == 0
+    one = risk_of(tiny_tte_lm, tiny_data, rows["one"][1], tmp_path / "r1.parquet", *sampling)
     assert page_data(out.read_text())["risk_at_horizon"]["own"] == one[0]
     index = (pages / "index.html").read_text()
     assert all(f"row_{i:03d}.html" in index for i in (1, 2, 3)) and "not a diagnosis" in index
@@ -211,7 +200,7 @@ def test_prefix_model_what_if_uses_the_gradient_at_the_average_genome(tiny_lm, t
     assert len(d["whatif"]["moved"]) == 5 and all(math.isfinite(s["weight"]) for s in d["whatif"]["moved"])
 
 
-def test_nothing_after_the_prediction_time_reaches_the_page(tte_lm, tiny_data, rows, tmp_path):
+def test_nothing_after_the_prediction_time_reaches_the_page(tiny_tte_lm, tiny_data, rows, tmp_path):
     row = rows["frame"].row(0, named=True)
     sid, when = row["subject_id"], row["prediction_time"]
     meds = tmp_path / "meds"
@@ -232,7 +221,7 @@ def test_nothing_after_the_prediction_time_reaches_the_page(tte_lm, tiny_data, r
                               "numeric_value": [None, 987.6, None]}).cast(frame.schema)
         pl.concat([frame, later]).sort("subject_id", "time", nulls_last=False, maintain_order=True).write_parquet(shard)
     clean, planted = tmp_path / "clean.html", tmp_path / "planted.html"
-    args = view_args(tte_lm, tiny_data, row, clean) + ["--futures", "2", "--cohort-rows", "0"]
+    args = view_args(tiny_tte_lm, tiny_data, row, clean) + ["--futures", "2", "--cohort-rows", "0"]
     assert cli(args) == 0
     args_planted = [a if a != str(tiny_data / "cohort" / "meds") else str(meds) for a in args]
     args_planted[args_planted.index("--out") + 1] = str(planted)
@@ -251,10 +240,10 @@ def test_nothing_after_the_prediction_time_reaches_the_page(tte_lm, tiny_data, r
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_bad_inputs_are_clear_errors_and_write_nothing(tte_lm, ehr_only_lm, tiny_data, rows, tmp_path, capsys):
+def test_bad_inputs_are_clear_errors_and_write_nothing(tiny_tte_lm, ehr_only_lm, tiny_data, rows, tmp_path, capsys):
     row = rows["frame"].row(0, named=True)
     out = tmp_path / "page.html"
-    base = view_args(tte_lm, tiny_data, row, out)
+    base = view_args(tiny_tte_lm, tiny_data, row, out)
 
     def fails(args, *needles):
         capsys.readouterr()
@@ -288,18 +277,18 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tte_lm, ehr_only_lm, tiny
     assert "already exists" in capsys.readouterr().err
 
 
-def test_outputs_never_replace_or_enter_an_input(tte_lm, tiny_data, rows, tmp_path, capsys):
+def test_outputs_never_replace_or_enter_an_input(tiny_tte_lm, tiny_data, rows, tmp_path, capsys):
     meds = tiny_data / "cohort" / "meds"
     row = rows["frame"].row(0, named=True)
     inside = meds / "page.html"
     capsys.readouterr()
-    assert cli(view_args(tte_lm, tiny_data, row, inside) + ["--overwrite"]) == 2
+    assert cli(view_args(tiny_tte_lm, tiny_data, row, inside) + ["--overwrite"]) == 2
     assert "lies inside the --meds input" in capsys.readouterr().err and not inside.exists()
     cohort = tiny_data / "cohort"
-    folder = ["view", "--model", str(tte_lm), "--meds", str(meds), "--prs", str(cohort / "prs.parquet"),
-              "--labels", str(rows["three"]), *CODES, "--overwrite", "--out", str(tte_lm)]
+    folder = ["view", "--model", str(tiny_tte_lm), "--meds", str(meds), "--prs", str(cohort / "prs.parquet"),
+              "--labels", str(rows["three"]), *CODES, "--overwrite", "--out", str(tiny_tte_lm)]
     assert cli(folder) == 2
-    assert "is the --model input" in capsys.readouterr().err and (tte_lm / "config.json").exists()
+    assert "is the --model input" in capsys.readouterr().err and (tiny_tte_lm / "config.json").exists()
     with_f, without_f, prs_f, _ = _cohort_files(tmp_path)
     assert cli(["whatif", "--with", str(with_f), "--without", str(without_f), "--prs", str(prs_f), "--overwrite",
                 "--out", str(tmp_path)]) == 2
@@ -423,7 +412,7 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def test_every_page_opens_in_headless_chromium(pages, tte_lm, tiny_data, rows, tmp_path):
+def test_every_page_opens_in_headless_chromium(pages, tiny_tte_lm, tiny_data, rows, tmp_path):
     binary = find_chromium()
     if binary is None:
         pytest.skip("headless Chromium not found (no chromium, chromium-browser or google-chrome on PATH): the browser "
@@ -431,7 +420,7 @@ def test_every_page_opens_in_headless_chromium(pages, tte_lm, tiny_data, rows, t
     from PIL import Image
 
     single = tmp_path / "single.html"  # the one-file page (plotly inlined) from the hazard head
-    assert cli(view_args(tte_lm, tiny_data, rows["frame"].row(0, named=True), single) + ["--cohort-rows", "30"]) == 0
+    assert cli(view_args(tiny_tte_lm, tiny_data, rows["frame"].row(0, named=True), single) + ["--cohort-rows", "30"]) == 0
     assert "<script src=" not in single.read_text()  # self-contained: nothing loaded from anywhere
     targets = [single, *(pages / f"row_{i:03d}.html" for i in (1, 2, 3))]
     browser = Chromium(binary)
