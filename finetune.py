@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
-from modeling_ehr_prs.predict import (
+from ehr_prs.errors import InputError, input_errors, atomic_output_dir, check_output
+from ehr_prs.predict import (
     STANDARDIZER_FILE,
     SUMMARY_FILE,
     ClassifierCollator,
@@ -69,7 +69,7 @@ from modeling_ehr_prs.predict import (
     score_head,
     task_inputs,
 )
-from modeling_ehr_prs.readers import STRICT_LABELS_HELP
+from ehr_prs.data.readers import STRICT_LABELS_HELP
 
 METHODS = ("lora", "probe", "full")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -150,8 +150,8 @@ def load_task_data(model_dir: str, meds_dir: str, labels_path: str, prs_path: st
                    splits: tuple[str, ...] = ("train", "tuning"), max_length: int | None = None,
                    strict_labels: bool = False) -> TaskData:
     """Build the inputs of every scorable label row in `splits` (the shared label policy), cut at its prediction_time."""
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
-    from tokenizer.prediction_inputs import warn_if_prs_not_given
+    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
+    from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given
 
     model, tokenizer, standardizer = load_base_classifier(model_dir)
     length = classifier_max_length(model.config, max_length, tokenizer)
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         result = finetune(args)
-    except InputError as err:
+    except input_errors() as err:
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return 2
     s = result.summary

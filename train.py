@@ -33,9 +33,9 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 import modeling_ehr_prs  # noqa: F401  (registers the Auto classes)
-from modeling_ehr_prs.collator import EhrPrsCollator
+from ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.configuration_ehr_prs import PRESETS, PRS_FUSIONS, EhrPrsConfig
-from modeling_ehr_prs.checked_load import (
+from ehr_prs.checkpoints import (
     all_finite,
     check_finite,
     check_model_folder,
@@ -44,7 +44,7 @@ from modeling_ehr_prs.checked_load import (
     load_checked,
     nonfinite_tensors,
 )
-from modeling_ehr_prs.errors import InputError, check_output
+from ehr_prs.errors import InputError, input_errors, check_output
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
 
 STANDARDIZER_FILE = "prs_standardizer.json"
@@ -138,7 +138,7 @@ def load_tokenized(data_dir: Path):
     """Open the tokenizer, PRS standardiser and train/tuning splits that `ehr-prs tokenize` wrote."""
     from datasets import load_from_disk
 
-    from tokenizer import EhrTokenizer
+    from ehr_prs.tokenizer import EhrTokenizer
 
     tok_dir = data_dir / "tokenizer"
     if not (tok_dir.is_dir() and (data_dir / "train").is_dir()):
@@ -307,7 +307,7 @@ TTE_FIELDS = ("tte_families", "tte_loss_weight", "tte_rank", "tte_prs_rank", "tt
 
 def choose_tte_families(tokenizer, train_ds, cap: int) -> list[str]:
     """The code families of the TTE head: first seen in >= 20 training subjects, the `cap` most common."""
-    from modeling_ehr_prs.time_to_event import MIN_SUBJECTS, choose_families
+    from ehr_prs.time_to_event import MIN_SUBJECTS, choose_families
 
     records = (row for batch in train_ds.select_columns(["input_ids"]).iter(batch_size=1024) for row in batch["input_ids"])
     families = choose_families(tokenizer, records, MIN_SUBJECTS, cap)
@@ -396,7 +396,7 @@ def tte_collator_fields(config, tokenizer) -> dict:
     """EhrPrsCollator fields that make it build time-to-event targets, for a model with a TTE head."""
     if not config.has_tte_head:
         return {}
-    from modeling_ehr_prs.time_to_event import family_of_token
+    from ehr_prs.time_to_event import family_of_token
 
     return dict(token_days=tokenizer.token_days, tte_family_of_token=family_of_token(tokenizer, config.tte_families),
                 tte_max_positions=config.tte_max_positions)
@@ -486,7 +486,7 @@ def close_progress_bars(trainer: Trainer) -> None:
 
 
 def program_name() -> str:
-    """'ehr-prs pretrain' under the console script (or `python -m modeling_ehr_prs.cli`), else 'train.py'.
+    """'ehr-prs pretrain' under the console script (or `python -m ehr_prs.cli`), else 'train.py'.
 
     Usage lines and one-line errors then name the command the user typed.
     """
@@ -592,7 +592,7 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
     fit_report = None
     if closed_form:
         # On a frozen decoder the logit-bias adapter is a regression with a direct solution.
-        from modeling_ehr_prs.prs_bias import fit_logit_bias
+        from ehr_prs.fits.logit_bias import fit_logit_bias
 
         std = data_dir / "tokenizer" / STANDARDIZER_FILE
         columns = json.loads(std.read_text()).get("columns") if std.exists() else None
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         train(args)
-    except InputError as err:
+    except input_errors() as err:
         print(f"{program_name()}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -4,7 +4,7 @@ Baseline (named "generate"): the paper code's way of scoring. For each subject,
 `model.generate(prompt, do_sample=True, num_return_sequences=K, max_new_tokens=N,
 output_logits=True, return_dict_in_generate=True)`, then the path estimator computed from the
 returned raw logits, with the horizon applied afterwards from the generated time tokens. Ours
-("engine"): `modeling_ehr_prs.risk.sample_risk`, prompts batched across subjects, each prompt
+("engine"): `ehr_prs.risk.sampling.sample_risk`, prompts batched across subjects, each prompt
 encoded once and its KV cache shared by its K paths, every path dropped from the batch as soon
 as its generated time passes the horizon. Both use the same model, prompts, K and estimator;
 the report gives subjects/s for each, the ratio, and the AUROC of each against the labels
@@ -79,9 +79,9 @@ def load_rows(model_dir, meds_dir, prs_path, labels_path, codes, n_rows, max_new
 
     balanced: a quarter positive (so that AUROC is measurable on few rows); else the first rows as they come.
     """
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
-    from modeling_ehr_prs.risk import DEATH_CODE, load_model_and_tokenizer
-    from tokenizer import inputs_at_prediction_times
+    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table
+    from ehr_prs.risk.sampling import DEATH_CODE, load_model_and_tokenizer
+    from ehr_prs.tokenizer import inputs_at_prediction_times
 
     model, tok, std = load_model_and_tokenizer(model_dir)
     meds = read_meds_dataset(meds_dir)
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--agreement-seeds", type=int, default=10,
                         help="score the rows again with this many engine seeds, to show its AUROC's Monte Carlo spread")
     args, model, tok, rows = parse_and_load(parser, balanced=True)
-    from modeling_ehr_prs.risk import sample_risk
+    from ehr_prs.risk.sampling import sample_risk
 
     prompts, y, prs_t, mask_t, target, days, stops = (rows[k] for k in ("prompts", "y", "prs", "prs_mask", "target",
                                                                         "token_days", "stops"))

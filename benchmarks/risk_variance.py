@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4, help="K")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     args, model, tok, rows = parse_and_load(parser, balanced=False)
-    from modeling_ehr_prs.risk import sample_risk
+    from ehr_prs.risk.sampling import sample_risk
 
     y = rows["y"]
     print(f"{len(y)} rows ({int(y.sum())} positive), {args.method}, K={args.samples}, model {args.model} "

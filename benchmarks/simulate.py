@@ -31,7 +31,7 @@ def _peak_rss_mib() -> float:
 
 
 def _worker_simulate(n: int, n_prs: int, out: Path) -> dict:
-    from modeling_ehr_prs.simulate import simulate_cohort
+    from ehr_prs.data.simulate import simulate_cohort
 
     t = time.perf_counter()
     summary = simulate_cohort(out, n_subjects=n, seed=0, n_prs=n_prs, progress=False)

@@ -104,10 +104,10 @@ def cohort_for(n: int, work: Path) -> tuple[Path, str]:
     """A MEDS cohort of n subjects: from `ehr-prs simulate` if available, else synthetic."""
     out = work / f"sim{n}"
     try:
-        from modeling_ehr_prs import cli
+        from ehr_prs import cli
 
         if "simulate" in cli.COMMANDS:
-            subprocess.run([sys.executable, "-m", "modeling_ehr_prs.cli", "simulate", "--out", str(out),
+            subprocess.run([sys.executable, "-m", "ehr_prs.cli", "simulate", "--out", str(out),
                             "--subjects", str(n), "--seed", "0", "--n-prs", "16"], check=True, capture_output=True)
             return out / "meds", "ehr-prs simulate"
     except (ImportError, subprocess.CalledProcessError) as err:
@@ -121,7 +121,7 @@ def worker(kind: str, meds: str, out: str) -> dict:
     import pyarrow.parquet as pq
 
     if kind == "tokenize":
-        from tokenizer.build import build  # imports (transformers, datasets) are not timed
+        from ehr_prs.tokenizer.build import build  # imports (transformers, datasets) are not timed
     pa.set_cpu_count(1)
     t0 = time.perf_counter()
     if kind == "scan":

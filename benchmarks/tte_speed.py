@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from modeling_ehr_prs import EhrPrsConfig, EhrPrsForCausalLM
-from modeling_ehr_prs.collator import EhrPrsCollator
+from ehr_prs.collator import EhrPrsCollator
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,10 +57,10 @@ def real_prompts(args: argparse.Namespace):
     """(model, prompts, target token ids, family indices, token_days, stop ids) of a trained model's held-out rows."""
     import polars as pl
 
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset
-    from modeling_ehr_prs.risk import load_model_and_tokenizer
-    from modeling_ehr_prs.time_to_event import target_families
-    from tokenizer import inputs_at_prediction_times
+    from ehr_prs.data.readers import read_labels, read_meds_dataset
+    from ehr_prs.risk.sampling import load_model_and_tokenizer
+    from ehr_prs.time_to_event import target_families
+    from ehr_prs.tokenizer import inputs_at_prediction_times
 
     model, tokenizer, _ = load_model_and_tokenizer(args.model)
     meds = read_meds_dataset(args.meds)
@@ -136,8 +136,8 @@ def main() -> None:
 
 def risk_speed(args, model, days, family, rng) -> None:
     """Part 2: hazard risk vs the sampling engine on the same model and prompts."""
-    from modeling_ehr_prs.risk import sample_risk
-    from modeling_ehr_prs.time_to_event import hazard_risk
+    from ehr_prs.risk.sampling import sample_risk
+    from ehr_prs.time_to_event import hazard_risk
 
     if args.model:
         model, prompts, target_ids, fam_idx, days, stops = real_prompts(args)

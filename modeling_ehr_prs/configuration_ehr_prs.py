@@ -78,7 +78,7 @@ class EhrPrsConfig(PretrainedConfig):
             multiplied by exp(w . prs), a proportional-hazards genetic effect on the decoder's
             predictions; zero for a subject without genotype, and `up` starts at 0, so an extended
             EHR-only checkpoint starts unchanged. On a frozen backbone `ehr-prs pretrain` fits it in
-            closed form, see modeling_ehr_prs/prs_bias.py).
+            closed form, see ehr_prs/fits/logit_bias.py).
         prs_tokens (int): number of embedding vectors the adapter makes from one PRS vector (paper: 10).
         prs_adapter_hidden_size (int): hidden width of the adapter MLP (n_prs -> this -> prs_tokens x
             hidden_size).

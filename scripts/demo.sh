@@ -95,13 +95,13 @@ adapter() {  # adapter FUSION LEARNING_RATE [EXTRA FLAGS...]
 }
 # The logit-bias adapter (a log-linear genetic effect on each code's rate) on the same frozen model:
 # no gradient steps, a Poisson regression of each code family's first occurrence on the scores,
-# solved from one forward pass over the training split (modeling_ehr_prs/prs_bias.py). Gradient
+# solved from one forward pass over the training split (ehr_prs/fits/logit_bias.py). Gradient
 # steps learn only 1/30-1/100 of the T2D effect in 300 steps (README, Results).
 logit_bias_fit() {
   ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/logit_bias" --init-from "$OUT/models/none" \
     --freeze-backbone --prs-fusion logit_bias --batch-size 16 --max-seq-length 512 --max-eval-samples 512
 }
-# The incidence refit (modeling_ehr_prs/incidence.py): the frozen backbone's rate of a first T2D
+# The incidence refit (ehr_prs/fits/incidence.py): the frozen backbone's rate of a first T2D
 # code, refitted in closed form on its running summary of the history (no task labels; the training
 # split's own first E11 codes). The four generative models share that backbone, so one refit serves
 # them all: on the last demo run's models, the logit-bias model scored 0.691 with the EHR-only

@@ -25,9 +25,9 @@ import torch
 from datasets import load_from_disk
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.risk import load_model_and_tokenizer
+from ehr_prs.collator import EhrPrsCollator
+from ehr_prs.errors import InputError
+from ehr_prs.risk.sampling import load_model_and_tokenizer
 
 
 def first_code_logprobs(model_dir: str, rows, codes: list[str], batch_size: int) -> np.ndarray:

@@ -31,8 +31,8 @@ TINY_OVERRIDES = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """root/cohort (600 simulated subjects, 64 PRS columns) and root/tok (its tokenization)."""
-    from modeling_ehr_prs.simulate import simulate_cohort
-    from tokenizer.build import build
+    from ehr_prs.data.simulate import simulate_cohort
+    from ehr_prs.tokenizer.build import build
 
     root = tmp_path_factory.mktemp("tiny_pipeline")
     simulate_cohort(root / "cohort", n_subjects=600, seed=3, n_prs=64, progress=False)
@@ -44,7 +44,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_data):
     """A tiny EHR+PRS (prefix) causal LM pretrained for 4 steps on tiny_data: the folder train.py writes."""
-    import train
+    import ehr_prs.recipes.train as train
 
     args = train.PretrainArguments(
         data=str(tiny_data / "tok"), output_dir=str(tiny_data / "lm"), preset="tiny", prs_fusion="prefix",
@@ -56,7 +56,7 @@ def tiny_lm(tiny_data):
 @pytest.fixture(scope="session")
 def tiny_tte_lm(tiny_data, tmp_path_factory):
     """A tiny EHR+PRS (logit bias) causal LM with a 40-family time-to-event head, 6 steps (read-only)."""
-    import train
+    import ehr_prs.recipes.train as train
 
     args = train.PretrainArguments(
         data=str(tiny_data / "tok"), output_dir=str(tmp_path_factory.mktemp("tiny_tte") / "lm"), preset="tiny",

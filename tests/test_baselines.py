@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from modeling_ehr_prs import baselines as B
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.readers import read_labels, read_meds_dataset
+from ehr_prs.evaluation import baselines as B
+from ehr_prs.errors import InputError
+from ehr_prs.data.readers import read_labels, read_meds_dataset
 
 PT = datetime(2020, 1, 1)  # every hand-made label's prediction time
 D = timedelta(days=1)
@@ -161,7 +161,7 @@ def test_prs_kinds_need_prs(small, kind):
 
 
 def test_cli_writes_prediction_schema(small, capsys):
-    from modeling_ehr_prs.cli import main
+    from ehr_prs.cli import main
 
     tmp, root = small
     labels = _write_labels(tmp / "l.parquet", [(s, PT, s % 2 == 0) for s in range(1, 7)])
@@ -181,7 +181,7 @@ def test_cli_writes_prediction_schema(small, capsys):
 
 def test_prs_features_missing_genotype_is_zero_and_flagged(small):
     """Standardised train scores have mean 0; a subject without a genotype gets 0 and genotyped False."""
-    from modeling_ehr_prs.readers import read_prs_table
+    from ehr_prs.data.readers import read_prs_table
 
     tmp, _ = small
     prs = read_prs_table(tmp / "prs.parquet")
@@ -236,7 +236,7 @@ def test_prs_signal_is_found_and_counts_alone_find_none(tmp_path):
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     """2,500 simulated subjects, re-split 50/15/35 (a flat MEDS layout) so held_out is large enough."""
-    from modeling_ehr_prs.simulate import simulate_cohort
+    from ehr_prs.data.simulate import simulate_cohort
 
     out = tmp_path_factory.mktemp("sim") / "cohort"
     simulate_cohort(out, n_subjects=5000, seed=4, n_prs=64, progress=False)
@@ -275,7 +275,7 @@ def test_simulated_t2d_aurocs(sim):
 def test_record_ceiling_between_count_gbm_and_truth(sim):
     """The LR told the simulator's risk factors reads the record better than the count GBM and still
     falls short of the true risk (the latent state the record shows only in part)."""
-    from modeling_ehr_prs.record_ceiling import record_ceiling
+    from ehr_prs.evaluation.record_ceiling import record_ceiling
 
     labels = sim / "labels" / "t2d.parquet"
     truth = pl.read_parquet(sim / "truth" / "t2d.parquet")

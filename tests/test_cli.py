@@ -3,18 +3,18 @@
 import subprocess
 import sys
 
-from modeling_ehr_prs import cli
+from ehr_prs import cli
 
 
 def test_help_lists_every_registered_subcommand():
-    out = subprocess.run([sys.executable, "-m", "modeling_ehr_prs.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ehr_prs.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     for name in cli.COMMANDS:
         assert name in out.stdout
 
 
 def test_unknown_subcommand_exits_nonzero():
-    out = subprocess.run([sys.executable, "-m", "modeling_ehr_prs.cli", "no-such-stage"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "ehr_prs.cli", "no-such-stage"], capture_output=True, text=True)
     assert out.returncode != 0
     assert "invalid choice" in out.stderr
 

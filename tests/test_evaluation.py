@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from modeling_ehr_prs import evaluation as E
-from modeling_ehr_prs.errors import InputError
+from ehr_prs.evaluation import metrics as E
+from ehr_prs.errors import InputError
 
 PT = datetime(2020, 1, 1)
 
@@ -228,7 +228,7 @@ def test_bad_specs_and_probabilities(tmp_path):
 # ---------------------------------------------------------------- files
 
 def test_cli_writes_metrics_report_and_figures(tmp_path, capsys):
-    from modeling_ehr_prs.cli import main
+    from ehr_prs.cli import main
 
     n = 300
     y, s = _data(n, seed=3)

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from modeling_ehr_prs import evaluation as E
+from ehr_prs.evaluation import metrics as E
 
 PT = datetime(2020, 1, 1)
 
@@ -43,7 +43,7 @@ def _issue_case(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_issue_case_is_not_significant_and_warns(tmp_path, capsys):
-    from modeling_ehr_prs.cli import main
+    from ehr_prs.cli import main
 
     ref, b = _issue_case(tmp_path)
     # What the issue saw: a row bootstrap that drops the resamples without a positive calls it significant.
@@ -147,7 +147,7 @@ def test_subgroup_whose_auroc_cannot_be_computed_is_named():
 
 
 def test_risk_defaults_to_the_survival_estimator():
-    from modeling_ehr_prs import risk
+    from ehr_prs.risk import sampling as risk
 
     parser = argparse.ArgumentParser()
     risk.add_arguments(parser)

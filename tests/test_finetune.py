@@ -15,18 +15,19 @@ import polars as pl
 import pytest
 import torch
 
-import finetune as ft
-from modeling_ehr_prs import baselines, cli
-from modeling_ehr_prs.errors import InputError
+import ehr_prs.recipes.finetune as ft
+from ehr_prs.evaluation import baselines
+from ehr_prs import cli
+from ehr_prs.errors import InputError
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
-from modeling_ehr_prs.predict import (
+from ehr_prs.predict import (
     base_fingerprint,
     load_base_classifier,
     load_for_prediction,
     predict_proba,
     task_inputs,
 )
-from modeling_ehr_prs.readers import read_meds_dataset, read_prs_table
+from ehr_prs.data.readers import read_meds_dataset, read_prs_table
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 TASK = "t2d"  # ~8% prevalence: 20 positive train rows in this cohort
@@ -224,7 +225,7 @@ def test_few_shot_sampler_draws_k_plus_k_reproducibly():
 def test_fewshot_sweep_writes_curves_and_gbm_all_matches_the_baseline(env, tmp_path):
     import argparse
 
-    from modeling_ehr_prs.fewshot import add_arguments, run_sweep
+    from ehr_prs.evaluation.fewshot import add_arguments, run_sweep
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -256,7 +257,7 @@ def test_fewshot_lora_grid_can_be_smaller_than_the_others(env, tmp_path):
     """--lora-shots / --lora-seeds: LoRA only where asked (its fits are the slow ones), one plot."""
     import argparse
 
-    from modeling_ehr_prs.fewshot import add_arguments, run_sweep
+    from ehr_prs.evaluation.fewshot import add_arguments, run_sweep
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -26,13 +26,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import modeling_ehr_prs  # noqa: F401  (registers the Auto classes)
-import train
-from modeling_ehr_prs import cli, hub
-from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.evaluation import EvaluationInputs, run_evaluation
+import ehr_prs.recipes.train as train
+from ehr_prs import cli
+from ehr_prs import hub
+from ehr_prs.collator import EhrPrsCollator
+from ehr_prs.errors import InputError
+from ehr_prs.evaluation.metrics import EvaluationInputs, run_evaluation
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForSequenceClassification
-from tokenizer import EhrTokenizer
+from ehr_prs.tokenizer import EhrTokenizer
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 REPO_ID = "someone/ehr-prs-tiny"

@@ -24,13 +24,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_cohort import write_cohort, write_prs  # noqa: E402
 
-from modeling_ehr_prs import cli  # noqa: E402
-from modeling_ehr_prs.errors import InputError  # noqa: E402
-from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows  # noqa: E402
-from tokenizer.build import build  # noqa: E402
-from tokenizer.prediction_inputs import inputs_at_prediction_times, warn_if_prs_not_given  # noqa: E402
-from tokenizer.prs_standardizer import PrsStandardizer  # noqa: E402
-from tokenizer.tokenization_ehr import EhrTokenizer  # noqa: E402
+from ehr_prs import cli  # noqa: E402
+from ehr_prs.errors import InputError  # noqa: E402
+from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows  # noqa: E402
+from ehr_prs.tokenizer.build import build  # noqa: E402
+from ehr_prs.tokenizer.prediction_inputs import inputs_at_prediction_times, warn_if_prs_not_given  # noqa: E402
+from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer  # noqa: E402
+from modeling_ehr_prs.tokenization_ehr import EhrTokenizer  # noqa: E402
 
 KEY = ["subject_id", "prediction_time"]
 T = dt.datetime

@@ -11,9 +11,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.omop import assign_splits, export_eunomia, omop_to_meds
-from modeling_ehr_prs.readers import read_meds_dataset
+from ehr_prs.errors import InputError
+from ehr_prs.data.omop import assign_splits, export_eunomia, omop_to_meds
+from ehr_prs.data.readers import read_meds_dataset
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_cli_runs_on_parquet_tables(tmp_path, eunomia):
     for table in ("person", "concept", "observation", "visit_occurrence"):
         pl.read_csv(eunomia / f"{table}.csv").write_parquet(src / f"{table}.parquet")
     out = tmp_path / "meds"
-    proc = subprocess.run([sys.executable, "-m", "modeling_ehr_prs.cli", "omop-to-meds", "--omop", str(src),
+    proc = subprocess.run([sys.executable, "-m", "ehr_prs.cli", "omop-to-meds", "--omop", str(src),
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"wrote MEDS {meds.__version__} dataset {out}" in proc.stdout and "subjects=2694" in proc.stdout
@@ -156,9 +156,9 @@ def test_tokenizer_runs_on_the_converted_real_sample(converted, tmp_path):
     import polars as pl
     from datasets import load_from_disk
 
-    from modeling_ehr_prs.readers import read_meds_dataset
-    from tokenizer import EhrTokenizer
-    from tokenizer.build import build
+    from ehr_prs.data.readers import read_meds_dataset
+    from ehr_prs.tokenizer import EhrTokenizer
+    from ehr_prs.tokenizer.build import build
 
     out, _ = converted
     summary = build(out, tmp_path / "tok", min_subjects=20, max_length=256)

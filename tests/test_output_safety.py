@@ -17,8 +17,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from modeling_ehr_prs import cli
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, atomic_output_file, check_output
+from ehr_prs import cli
+from ehr_prs.errors import InputError, atomic_output_dir, atomic_output_file, check_output
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -208,7 +208,7 @@ def test_file_and_folder_mixups_are_refused(tmp_path, capsys):
 
 
 def test_incidence_refit_may_add_to_its_model_but_not_replace_the_model_files(tmp_path):
-    from modeling_ehr_prs.incidence import check_incidence_output, is_incidence_file, save_incidence
+    from ehr_prs.fits.incidence import check_incidence_output, is_incidence_file, save_incidence
 
     model, data = tmp_path / "model", tmp_path / "tok"
     model.mkdir()

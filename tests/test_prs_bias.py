@@ -1,4 +1,4 @@
-"""The logit_bias adapter's closed-form fit (modeling_ehr_prs/prs_bias.py): the per-sequence
+"""The logit_bias adapter's closed-form fit (ehr_prs/fits/logit_bias.py): the per-sequence
 incidence statistics against a direct count, the low-rank Poisson fit on data with a known effect,
 and the whole fit through `train.py` on a planted effect and on the tiny simulated cohort."""
 
@@ -14,7 +14,7 @@ from datasets import Dataset
 import modeling_ehr_prs  # noqa: F401
 from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
-from modeling_ehr_prs.prs_bias import fit_logit_bias, fit_poisson_low_rank, incidence_stats, poisson_nll
+from ehr_prs.fits.logit_bias import fit_logit_bias, fit_poisson_low_rank, incidence_stats, poisson_nll
 
 
 def _rows(seqs, prs, mask):
@@ -87,7 +87,7 @@ def test_low_rank_poisson_fit_recovers_a_known_effect():
 
 @pytest.fixture(scope="module")
 def tok(tiny_data):
-    from tokenizer import EhrTokenizer
+    from ehr_prs.tokenizer import EhrTokenizer
 
     return EhrTokenizer.from_pretrained(str(tiny_data / "tok" / "tokenizer"))
 
@@ -145,7 +145,7 @@ def test_pretrain_fits_logit_bias_on_a_frozen_backbone(tiny_data, tmp_path):
     """`ehr-prs pretrain --prs-fusion logit_bias --freeze-backbone` runs the fit, not Trainer steps,
     on the tiny cohort (too small for a genetic effect: the penalty path decides), and writes a
     folder whose non-genotyped predictions are the backbone's."""
-    import train
+    import ehr_prs.recipes.train as train
     from transformers import AutoModelForCausalLM
 
     base_dir = tmp_path / "ehr_only"
@@ -173,8 +173,8 @@ def test_pretrain_fits_logit_bias_on_a_frozen_backbone(tiny_data, tmp_path):
         assert torch.equal(model(ids, prs=prs, prs_mask=torch.tensor([False])).logits, base(ids).logits)
         for name, value in base.state_dict().items():
             assert torch.equal(model.state_dict()[name], value), name
-    from modeling_ehr_prs.errors import InputError
-    from modeling_ehr_prs.predict import load_base_classifier
+    from ehr_prs.errors import InputError
+    from ehr_prs.predict import load_base_classifier
 
     with pytest.raises(InputError, match="logit_bias"):  # a classifier on it would never read the scores
         load_base_classifier(out)

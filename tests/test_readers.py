@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.readers import (
+from ehr_prs.errors import InputError
+from ehr_prs.data.readers import (
     PRS_COLUMN_PATTERN,
     read_labels,
     read_meds_dataset,

@@ -28,13 +28,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from modeling_ehr_prs.baselines import collect_history, count_matrix, fit_count_features, fit_gbm
-from modeling_ehr_prs.cli import main
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.evaluation import meds_subgroups
-from modeling_ehr_prs.omop import drop_implausible, implausible_births, stage_omop
-from modeling_ehr_prs.readers import read_meds_dataset, sex_from_code, subject_sex
-from tokenizer.tokenization_ehr import UNK, EhrTokenizer, code_prefix
+from ehr_prs.evaluation.baselines import collect_history, count_matrix, fit_count_features, fit_gbm
+from ehr_prs.cli import main
+from ehr_prs.errors import InputError
+from ehr_prs.evaluation.metrics import meds_subgroups
+from ehr_prs.data.omop import drop_implausible, implausible_births, stage_omop
+from ehr_prs.data.readers import read_meds_dataset, sex_from_code, subject_sex
+from modeling_ehr_prs.tokenization_ehr import UNK, EhrTokenizer, code_prefix
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2"
 

@@ -7,10 +7,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from modeling_ehr_prs import record_ceiling as R
-from modeling_ehr_prs.cli import main as cli_main
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.simulate import MEASUREMENT_CODES
+from ehr_prs.evaluation import record_ceiling as R
+from ehr_prs.cli import main as cli_main
+from ehr_prs.errors import InputError
+from ehr_prs.data.simulate import MEASUREMENT_CODES
 
 A1C, GLU = MEASUREMENT_CODES["hba1c"], MEASUREMENT_CODES["glucose"]
 T = datetime(2020, 1, 1)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
-from modeling_ehr_prs.errors import InputError
+from ehr_prs.errors import InputError
 from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
-from modeling_ehr_prs.risk import coupled_sample, inverse_cdf_sample, sample_risk
+from ehr_prs.risk.sampling import coupled_sample, inverse_cdf_sample, sample_risk
 
 # token ids of the hand-set vocabulary
 PAD, EOS, TARGET_A, TARGET_B, DAY1, WEEK1, OTHER = 0, 1, 2, 3, 4, 5, 6
@@ -147,7 +147,7 @@ def test_incidence_refit_scales_the_target_rate_exactly(through):
 
 
 def test_incidence_fit_recovers_a_known_rate_ratio_and_stays_at_zero_without_one():
-    from modeling_ehr_prs.incidence import fit_incidence
+    from ehr_prs.fits.incidence import fit_incidence
 
     rng = np.random.default_rng(0)
 
@@ -270,7 +270,7 @@ def pipeline(tiny_data, tiny_lm):
 
 
 def cli(*argv):
-    from modeling_ehr_prs import cli as cli_module
+    from ehr_prs import cli as cli_module
 
     return cli_module.main(["risk", *map(str, argv)])
 
@@ -354,7 +354,7 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion, r
     buffer growth, and compaction that drops a whole prompt and then part of another. Room 2: the
     buffer doubles before the compactions; room 64: the first compaction cuts it to 16 slots,
     and 25 steps must grow it again."""
-    from modeling_ehr_prs.risk import _share_prompts
+    from ehr_prs.risk.sampling import _share_prompts
 
     torch.manual_seed(0)
     centered = fusion == "centered"  # cross-attention with prs_centered
@@ -409,8 +409,8 @@ def test_incidence_refit_cli_writes_a_refit_that_risk_uses_and_rejects_other_cod
 
     import polars as pl
 
-    from modeling_ehr_prs import cli as cli_module
-    from modeling_ehr_prs.incidence import load_incidence
+    from ehr_prs import cli as cli_module
+    from ehr_prs.fits.incidence import load_incidence
 
     refit = tmp_path / "t2d.safetensors"
     assert cli_module.main(["incidence-refit", "--model", str(pipeline / "model"), "--data", str(pipeline / "tok"),
@@ -454,8 +454,8 @@ def test_incidence_statistics_read_the_scores_of_a_model_that_takes_them(pipelin
     the person's scores, not from the "no genotype" tokens (rows without a prs column)."""
     import datasets
 
-    from modeling_ehr_prs.incidence import onset_statistics
-    from modeling_ehr_prs.risk import load_model_and_tokenizer
+    from ehr_prs.fits.incidence import onset_statistics
+    from ehr_prs.risk.sampling import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(pipeline / "model")
     rows = datasets.load_from_disk(str(pipeline / "tok" / "train"))

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from modeling_ehr_prs import cli
-from modeling_ehr_prs.simulate import (
+from ehr_prs import cli
+from ehr_prs.data.simulate import (
     ANCESTRIES,
     TASK_CODE_PREFIXES,
     TASKS,

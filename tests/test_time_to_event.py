@@ -19,13 +19,13 @@ import pytest
 import torch
 
 import modeling_ehr_prs  # noqa: F401
-import train
-from modeling_ehr_prs.cli import main as cli
-from modeling_ehr_prs.collator import EhrPrsCollator
+import ehr_prs.recipes.train as train
+from ehr_prs.cli import main as cli
+from ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
 from modeling_ehr_prs.modeling_ehr_prs import DAYS_PER_YEAR, EhrPrsForCausalLM, tte_pairs
 from test_train import StopAt  # tests/ is on sys.path under pytest
-from modeling_ehr_prs.time_to_event import (
+from ehr_prs.time_to_event import (
     choose_families,
     code_family,
     cumulative_hazard,
@@ -106,7 +106,7 @@ def test_collator_adds_targets_aligned_with_truncation():
 def test_families_are_those_of_at_least_min_subjects_most_common_first(tiny_data):
     from datasets import load_from_disk
 
-    from tokenizer import EhrTokenizer
+    from ehr_prs.tokenizer import EhrTokenizer
 
     tok = EhrTokenizer.from_pretrained(str(tiny_data / "tok" / "tokenizer"))
     rows = load_from_disk(str(tiny_data / "tok" / "train"))["input_ids"]
@@ -215,7 +215,7 @@ def test_pretraining_with_the_head_saves_and_reloads_it(tiny_tte_lm, tiny_data):
     # The summed loss holds both parts, and the TTE part is finite and positive.
     from datasets import load_from_disk
 
-    from tokenizer import EhrTokenizer
+    from ehr_prs.tokenizer import EhrTokenizer
 
     tok = EhrTokenizer.from_pretrained(str(tiny_tte_lm))
     rows = [load_from_disk(str(tiny_data / "tok" / "tuning"))[i] for i in range(4)]
@@ -269,7 +269,7 @@ def test_risk_hazard_refuses_a_model_without_a_head_and_unknown_families(tiny_lm
     assert cli([*base, "--model", str(tiny_lm), "--codes", "ICD10CM/E11*"]) == 2
     assert "time-to-event head" in capsys.readouterr().err
     config = json.loads((tiny_tte_lm / "config.json").read_text())
-    from tokenizer import EhrTokenizer
+    from ehr_prs.tokenizer import EhrTokenizer
 
     tok = EhrTokenizer.from_pretrained(str(tiny_tte_lm))
     rare = next(t for t in tok.get_vocab() if tok._is_code(t) and code_family(t) not in config["tte_families"])

@@ -16,14 +16,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_cohort import SPLITS, write_cohort, write_prs  # noqa: E402
 
-import tokenizer  # noqa: E402,F401  (registers EhrTokenizer with AutoTokenizer)
-from modeling_ehr_prs.errors import InputError  # noqa: E402
-from modeling_ehr_prs.readers import read_meds_dataset, read_prs_table  # noqa: E402
-from tokenizer.build import build  # noqa: E402
-from tokenizer.prediction_inputs import inputs_at_prediction_times  # noqa: E402
-from tokenizer.prs_standardizer import PrsStandardizer  # noqa: E402
-from tokenizer.time_tokens import default_time_scheme, gap_lookup  # noqa: E402
-from tokenizer.tokenization_ehr import EhrTokenizer  # noqa: E402
+import ehr_prs.tokenizer as tokenizer  # noqa: E402,F401  (registers EhrTokenizer with AutoTokenizer)
+from ehr_prs.errors import InputError  # noqa: E402
+from modeling_ehr_prs.tokenization_ehr import InputError as TokenizerInputError  # noqa: E402  (the hub file's own)
+from ehr_prs.data.readers import read_meds_dataset, read_prs_table  # noqa: E402
+from ehr_prs.tokenizer.build import build  # noqa: E402
+from ehr_prs.tokenizer.prediction_inputs import inputs_at_prediction_times  # noqa: E402
+from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer  # noqa: E402
+from ehr_prs.tokenizer.time_tokens import default_time_scheme, gap_lookup  # noqa: E402
+from modeling_ehr_prs.tokenization_ehr import EhrTokenizer  # noqa: E402
 
 BUILD = dict(min_subjects=5, min_values=20, max_length=256)
 # A code planted after 2030-01-01 in 8 train subjects (so it is in the vocabulary) for the leakage test.
@@ -212,7 +213,7 @@ def test_code_token_ids_exact_prefix_and_typo(cohort):
     assert tok.code_token_ids(["ICD10CM/E11.9"]) == [e11]
     assert tok.code_token_ids(["ICD10CM/E11*"]) == [e11]
     assert set(tok.code_token_ids(["ICD10CM/*"])) == {tok.convert_tokens_to_ids(c) for c in tok.state["codes"] if c.startswith("ICD10CM/")}
-    with pytest.raises(InputError, match="E11.9"):
+    with pytest.raises(TokenizerInputError, match="E11.9"):
         tok.code_token_ids(["ICD10CM/E11.8"])
     assert tok.token_days[tok.convert_tokens_to_ids("TIME/2w")] == 14 and tok.token_days[e11] == 0
 
@@ -268,7 +269,7 @@ def test_bad_inputs(cohort, tmp_path):
     state = json.loads((tmp_path / "old" / "ehr_vocab.json").read_text())
     state["format_version"] = 999
     (tmp_path / "old" / "ehr_vocab.json").write_text(json.dumps(state))
-    with pytest.raises(InputError, match="version 999"):
+    with pytest.raises(TokenizerInputError, match="version 999"):
         EhrTokenizer.from_pretrained(str(tmp_path / "old"))
     # labels naming a subject absent from the data
     labels = pl.DataFrame({"subject_id": [51, 12345], "prediction_time": [dt.datetime(2020, 1, 1)] * 2})
@@ -277,7 +278,7 @@ def test_bad_inputs(cohort, tmp_path):
 
 
 def test_cli_without_prs(cohort, tmp_path):
-    from modeling_ehr_prs import cli
+    from ehr_prs import cli
 
     root, _ = cohort
     out = tmp_path / "cli"

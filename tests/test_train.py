@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import modeling_ehr_prs  # noqa: F401
-import train
-from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError
-from tokenizer import EhrTokenizer
+import ehr_prs.recipes.train as train
+from ehr_prs.collator import EhrPrsCollator
+from ehr_prs.errors import InputError
+from ehr_prs.tokenizer import EhrTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
@@ -147,7 +147,7 @@ def test_errors_before_training(data, tmp_path):
 
 def test_cli_and_recipe_take_the_same_flags(data, tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "modeling_ehr_prs.cli", "pretrain", "--data", str(data), "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "ehr_prs.cli", "pretrain", "--data", str(data), "--output-dir", str(out),
            "--preset", "tiny", "--prs-fusion", "none", "--max-steps", "2", "--batch-size", "4", "--eval-steps", "2",
            "--save-steps", "2", "--max-eval-samples", "8", "--config-overrides", TINY]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})

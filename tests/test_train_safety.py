@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-import train
-from modeling_ehr_prs import baselines, cli
-from modeling_ehr_prs.checked_load import checkpoint_problem, nonfinite_tensors
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.predict import load_base_classifier
-from modeling_ehr_prs.risk import load_model_and_tokenizer
+import ehr_prs.recipes.train as train
+from ehr_prs.evaluation import baselines
+from ehr_prs import cli
+from ehr_prs.checkpoints import checkpoint_problem, nonfinite_tensors
+from ehr_prs.errors import InputError
+from ehr_prs.predict import load_base_classifier
+from ehr_prs.risk.sampling import load_model_and_tokenizer
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 
@@ -40,7 +41,7 @@ def data(tiny_data) -> Path:
 @pytest.fixture(scope="module")
 def data_without_prs(tiny_data, tmp_path_factory) -> Path:
     """The tiny cohort tokenized without --prs (an EHR-only dataset)."""
-    from tokenizer.build import build
+    from ehr_prs.tokenizer.build import build
 
     out = tmp_path_factory.mktemp("noprs") / "tok"
     build(tiny_data / "cohort" / "meds", out, min_subjects=5, max_length=128)

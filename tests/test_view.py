@@ -26,8 +26,8 @@ import polars as pl
 import pytest
 import torch
 
-import train
-from modeling_ehr_prs.cli import main as cli
+import ehr_prs.recipes.train as train
+from ehr_prs.cli import main as cli
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 CODES = ["--codes", "ICD10CM/E11*"]
@@ -116,10 +116,10 @@ def test_hazard_page_equals_risk_and_its_no_genotype_curve_is_the_ehr_only_predi
     assert own["risk"][own["horizon_days"].index(365.0)] == pytest.approx(curve, rel=1e-12)
 
     # "No genotype" is the EHR-only model: the same model with its genomic adapter on hazards zeroed.
-    from modeling_ehr_prs.risk import load_model_and_tokenizer
-    from modeling_ehr_prs.time_to_event import hazard_risk, target_families
-    from modeling_ehr_prs.readers import read_meds_dataset, read_prs_table
-    from tokenizer import inputs_at_prediction_times
+    from ehr_prs.risk.sampling import load_model_and_tokenizer
+    from ehr_prs.time_to_event import hazard_risk, target_families
+    from ehr_prs.data.readers import read_meds_dataset, read_prs_table
+    from ehr_prs.tokenizer import inputs_at_prediction_times
 
     model, tok, std = load_model_and_tokenizer(tiny_tte_lm)
     meds, prs = read_meds_dataset(tiny_data / "cohort" / "meds"), read_prs_table(tiny_data / "cohort" / "prs.parquet")

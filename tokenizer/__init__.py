@@ -1,8 +1,8 @@
-"""MEDS events -> token sequences, and the HF tokenizer that saves with the model.
+"""MEDS events -> token sequences: vocabulary, time tokens, value bins, PRS standardiser (installed as ehr_prs.tokenizer).
 
-Importing this package registers `EhrTokenizer` with `AutoTokenizer`, so
-`AutoTokenizer.from_pretrained(folder)` works for a folder written by `ehr-prs tokenize`
-(the folder also carries an `auto_map` for remote-code loading without this package).
+The tokenizer class itself is a hub-loadable model file (modeling_ehr_prs/tokenization_ehr.py,
+registered with AutoTokenizer by `import modeling_ehr_prs`); this stage builds its vocabulary
+and turns MEDS data into the token datasets the model reads.
 
     tok = EhrTokenizer.from_pretrained("out/tokenizer")
     std = PrsStandardizer.load("out/tokenizer")
@@ -11,25 +11,14 @@ Importing this package registers `EhrTokenizer` with `AutoTokenizer`, so
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer, PretrainedConfig
-
-from tokenizer.prs_standardizer import PrsStandardizer
-from tokenizer.tokenization_ehr import FORMAT_VERSION, EhrTokenizer
-
-
-class EhrTokenizerConfig(PretrainedConfig):
-    """Registration key only: AutoTokenizer's registry is keyed by a config class."""
-
-    model_type = "ehr_prs_tokenizer"
-
-
-EhrTokenizer.register_for_auto_class("AutoTokenizer")
-AutoTokenizer.register(EhrTokenizerConfig, tokenizer_class=EhrTokenizer, exist_ok=True)
+import modeling_ehr_prs  # noqa: F401  (registers EhrTokenizer with AutoTokenizer)
+from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer
+from modeling_ehr_prs.tokenization_ehr import FORMAT_VERSION, EhrTokenizer
 
 
 def inputs_at_prediction_times(*args, **kwargs):
-    """See `tokenizer.prediction_inputs.inputs_at_prediction_times` (imported lazily)."""
-    from tokenizer.prediction_inputs import inputs_at_prediction_times as impl
+    """See `ehr_prs.tokenizer.prediction_inputs.inputs_at_prediction_times` (imported lazily)."""
+    from ehr_prs.tokenizer.prediction_inputs import inputs_at_prediction_times as impl
 
     return impl(*args, **kwargs)
 

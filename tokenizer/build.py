@@ -23,12 +23,12 @@ import pyarrow as pa
 from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
-from modeling_ehr_prs.readers import KNOWN_SPLITS, MedsDataset, PrsTable, read_meds_dataset, read_prs_table
-from tokenizer.encode import EncodeTables, encode_events, tables_from_tokenizer
-from tokenizer.prs_standardizer import PrsStandardizer
-from tokenizer.tokenization_ehr import EhrTokenizer
-from tokenizer.vocab import VocabularyCounter
+from ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.data.readers import KNOWN_SPLITS, MedsDataset, PrsTable, read_meds_dataset, read_prs_table
+from ehr_prs.tokenizer.encode import EncodeTables, encode_events, tables_from_tokenizer
+from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer
+from modeling_ehr_prs.tokenization_ehr import EhrTokenizer
+from ehr_prs.tokenizer.vocab import VocabularyCounter
 
 TOKENIZER_DIR = "tokenizer"
 SUMMARY_FILE = "tokenize_summary.json"

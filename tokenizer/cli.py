@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokenizer.build import SUMMARY_FILE, build
+    from ehr_prs.tokenizer.build import SUMMARY_FILE, build
 
     group = None if str(args.prs_group_column).lower() == "none" else args.prs_group_column
     summary = build(

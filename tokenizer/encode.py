@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from tokenizer.time_tokens import DAYS_PER_YEAR, MAX_GAP_DAYS, age_bin_index, age_tokens, gap_lookup
-from tokenizer.tokenization_ehr import BOS, PREFIX_PATTERN, UNK, UNK_SUFFIX, EhrTokenizer
+from ehr_prs.tokenizer.time_tokens import DAYS_PER_YEAR, MAX_GAP_DAYS, age_bin_index, age_tokens, gap_lookup
+from modeling_ehr_prs.tokenization_ehr import BOS, PREFIX_PATTERN, UNK, UNK_SUFFIX, EhrTokenizer
 
 BIRTH_CODE = "MEDS_BIRTH"
 US_PER_DAY = 86_400_000_000

@@ -5,7 +5,7 @@ one place: an event reaches a label row's `input_ids` only if its time is null (
 or `time <= prediction_time`. Sequences are built by the same encoder as pretraining data
 (tokenizer/encode.py), so a prompt looks exactly like a training history cut at that time.
 
-Which label rows get here is decided before, by `modeling_ehr_prs.readers.select_label_rows`
+Which label rows get here is decided before, by `ehr_prs.data.readers.select_label_rows`
 (the one label policy of every command). This module adds the warnings about the inputs
 themselves: PRS scores that are missing, a model that reads PRS run without them, and
 histories whose codes the tokenizer mostly does not know.
@@ -18,12 +18,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.readers import MedsDataset, PrsTable, warn
-from tokenizer.build import DEFAULT_ROWS_PER_CHUNK, iter_chunks, rows_table
-from tokenizer.encode import BIRTH_CODE, encode_events, tables_from_tokenizer
-from tokenizer.prs_standardizer import PrsStandardizer
-from tokenizer.tokenization_ehr import EhrTokenizer
+from ehr_prs.errors import InputError
+from ehr_prs.data.readers import MedsDataset, PrsTable, warn
+from ehr_prs.tokenizer.build import DEFAULT_ROWS_PER_CHUNK, iter_chunks, rows_table
+from ehr_prs.tokenizer.encode import BIRTH_CODE, encode_events, tables_from_tokenizer
+from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer
+from modeling_ehr_prs.tokenization_ehr import EhrTokenizer
 
 # Above this share of events with codes unknown to the tokenizer, the model is warned to be on foreign data.
 UNKNOWN_CODE_WARNING = 0.5

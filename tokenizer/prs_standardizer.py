@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from modeling_ehr_prs.errors import InputError
-from modeling_ehr_prs.readers import warn
+from ehr_prs.errors import InputError
+from ehr_prs.data.readers import warn
 
 FILE_NAME = "prs_standardizer.json"
 FORMAT_NAME = "ehr-prs-prs-standardizer"

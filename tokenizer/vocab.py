@@ -14,10 +14,10 @@ from collections.abc import Iterable
 import numpy as np
 import polars as pl
 
-from modeling_ehr_prs.errors import InputError
-from tokenizer.encode import BIRTH_CODE
-from tokenizer.time_tokens import age_tokens, default_time_scheme
-from tokenizer.tokenization_ehr import FORMAT_NAME, FORMAT_VERSION, PREFIX_PATTERN, SPECIAL_TOKENS, UNK_SUFFIX
+from ehr_prs.errors import InputError
+from ehr_prs.tokenizer.encode import BIRTH_CODE
+from ehr_prs.tokenizer.time_tokens import age_tokens, default_time_scheme
+from modeling_ehr_prs.tokenization_ehr import FORMAT_NAME, FORMAT_VERSION, PREFIX_PATTERN, SPECIAL_TOKENS, UNK_SUFFIX
 
 
 class VocabularyCounter:

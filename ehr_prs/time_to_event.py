@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from modeling_ehr_prs.errors import InputError
+from ehr_prs.errors import InputError
 
 MIN_SUBJECTS = 20  # All of Us: no code seen in fewer than 20 subjects enters a vocabulary or a report
 DAYS_PER_YEAR = 365.25
@@ -141,7 +141,7 @@ def hazard_risk(model, input_ids: Sequence[Sequence[int]], family_idx: Sequence[
     """
     from tqdm.auto import tqdm
 
-    from modeling_ehr_prs.collator import EhrPrsCollator
+    from ehr_prs.collator import EhrPrsCollator
 
     collate = EhrPrsCollator(pad_token_id=pad_token_id, with_labels=False, pad_to_multiple_of=None)
     device = next(model.parameters()).device

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_ehr_prs.errors import InputError
+from ehr_prs.errors import InputError
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

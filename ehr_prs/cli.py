@@ -15,25 +15,25 @@ import argparse
 import importlib
 import sys
 
-from modeling_ehr_prs.errors import InputError
+from ehr_prs.errors import input_errors
 
 # subcommand -> (module, one-line help). Add a line here when a stage lands.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "simulate": ("modeling_ehr_prs.simulate", "simulated All-of-Us-like cohort (MEDS, PRS, labels, true risks)"),
-    "tokenize": ("tokenizer.cli", "MEDS (+ PRS) -> tokenizer and one token dataset per split"),
-    "pretrain": ("train", "pretrain the causal LM (+ genomic adapter) on tokenized data; same flags as train.py"),
-    "risk": ("modeling_ehr_prs.risk", "zero-shot risk of target codes within a horizon, from sampled futures"),
-    "incidence-refit": ("modeling_ehr_prs.incidence", "refit an outcome's onset rate on the frozen model's history summary (for risk --incidence-refit)"),
-    "record-ceiling": ("modeling_ehr_prs.record_ceiling", "simulated cohorts: a logistic regression told the true risk factors, to show how much of the true risk the record reveals"),
-    "omop-to-meds": ("modeling_ehr_prs.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
-    "baseline": ("modeling_ehr_prs.baselines", "PRS-only logistic regression and count-feature GBMs (with/without PRS)"),
-    "evaluate": ("modeling_ehr_prs.evaluation", "AUROC/AUPRC with paired bootstrap CIs, calibration, subgroups, PRS deciles"),
-    "finetune": ("finetune", "adapt a pretrained model to a binary MEDS task (LoRA, probe, full; --shots K); same flags as finetune.py"),
-    "predict": ("modeling_ehr_prs.predict", "MEDS predictions of a fine-tuned classifier (base + LoRA adapter, or a probe/full folder)"),
-    "fewshot": ("modeling_ehr_prs.fewshot", "few-shot sweep: AUROC vs K for LoRA, probe and GBM+PRS over seeds, with CIs and a plot"),
-    "push": ("modeling_ehr_prs.hub", "model card + Hub upload (remote code, tokenizer, PRS standardiser, adapter; --gated)"),
-    "view": ("modeling_ehr_prs.view", "one person's record, risk curve, genomic what-if and sampled futures as a self-contained HTML page"),
-    "whatif": ("modeling_ehr_prs.whatif", "cohort genomic what-if: risk by PRS decile within ancestry with the genotype present and removed, AUROC/calibration change by ancestry"),
+    "simulate": ("ehr_prs.data.simulate", "simulated All-of-Us-like cohort (MEDS, PRS, labels, true risks)"),
+    "tokenize": ("ehr_prs.tokenizer.cli", "MEDS (+ PRS) -> tokenizer and one token dataset per split"),
+    "pretrain": ("ehr_prs.recipes.train", "pretrain the causal LM (+ genomic adapter) on tokenized data; same flags as train.py"),
+    "risk": ("ehr_prs.risk.sampling", "zero-shot risk of target codes within a horizon, from sampled futures"),
+    "incidence-refit": ("ehr_prs.fits.incidence", "refit an outcome's onset rate on the frozen model's history summary (for risk --incidence-refit)"),
+    "record-ceiling": ("ehr_prs.evaluation.record_ceiling", "simulated cohorts: a logistic regression told the true risk factors, to show how much of the true risk the record reveals"),
+    "omop-to-meds": ("ehr_prs.data.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
+    "baseline": ("ehr_prs.evaluation.baselines", "PRS-only logistic regression and count-feature GBMs (with/without PRS)"),
+    "evaluate": ("ehr_prs.evaluation.metrics", "AUROC/AUPRC with paired bootstrap CIs, calibration, subgroups, PRS deciles"),
+    "finetune": ("ehr_prs.recipes.finetune", "adapt a pretrained model to a binary MEDS task (LoRA, probe, full; --shots K); same flags as finetune.py"),
+    "predict": ("ehr_prs.predict", "MEDS predictions of a fine-tuned classifier (base + LoRA adapter, or a probe/full folder)"),
+    "fewshot": ("ehr_prs.evaluation.fewshot", "few-shot sweep: AUROC vs K for LoRA, probe and GBM+PRS over seeds, with CIs and a plot"),
+    "push": ("ehr_prs.hub", "model card + Hub upload (remote code, tokenizer, PRS standardiser, adapter; --gated)"),
+    "view": ("ehr_prs.views.patient", "one person's record, risk curve, genomic what-if and sampled futures as a self-contained HTML page"),
+    "whatif": ("ehr_prs.views.whatif", "cohort genomic what-if: risk by PRS decile within ancestry with the genotype present and removed, AUROC/calibration change by ancestry"),
 }
 
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         args = sub_parser.parse_args(argv[1:])
         try:
             module.run(args)
-        except InputError as err:
+        except input_errors() as err:  # a wrong input: one line and exit 2 (anything else keeps its traceback)
             print(f"ehr-prs {argv[0]}: error: {err}", file=sys.stderr)
             return 2
         return 0

@@ -49,8 +49,8 @@ from sklearn.metrics import (  # noqa: E402
 )
 from tqdm.auto import tqdm  # noqa: E402
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output  # noqa: E402
-from modeling_ehr_prs.readers import (  # noqa: E402
+from ehr_prs.errors import InputError, atomic_output_dir, check_output  # noqa: E402
+from ehr_prs.data.readers import (  # noqa: E402
     read_labels, read_meds_dataset, read_prs_table, sex_from_code, subject_sex, warn,
 )
 

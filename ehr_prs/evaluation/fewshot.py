@@ -10,7 +10,7 @@ method), the model is fitted on them and the whole held-out split is predicted. 
 every train row (and the tuning split capped as in finetune.py).
 
 - `lora`, `probe`, `full`: `finetune.finetune` on inputs built once for the sweep.
-- `gbm`: the count-feature GBM + PRS baseline (modeling_ehr_prs.baselines). The count-feature
+- `gbm`: the count-feature GBM + PRS baseline (ehr_prs.evaluation.baselines). The count-feature
   vocabulary is label-free and comes from the histories of all train label rows (as the
   pretrained model saw all train histories); everything that reads labels -- the top PRS columns
   by |correlation| and the trees -- sees only the K-shot rows. With K-shot data the trees'
@@ -35,7 +35,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.errors import InputError, atomic_output_dir, check_output
 
 NN_METHODS = ("lora", "probe", "full")
 METHODS = (*NN_METHODS, "gbm")
@@ -54,8 +54,8 @@ class GbmFeatures:
     """
 
     def __init__(self, meds_dir: str, labels_path: str, prs_path: str | None, splits=("train", "tuning", "held_out")):
-        from modeling_ehr_prs import baselines as bl
-        from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table
+        from ehr_prs.evaluation import baselines as bl
+        from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table
 
         ds = read_meds_dataset(meds_dir)
         labels = bl.attach_splits(read_labels(labels_path), ds, labels_path)
@@ -88,7 +88,7 @@ class GbmFeatures:
         from sklearn.ensemble import HistGradientBoostingClassifier
         from threadpoolctl import threadpool_limits
 
-        from modeling_ehr_prs import baselines as bl
+        from ehr_prs.evaluation import baselines as bl
 
         y_tr = self.y["train"] if train_idx is None else self.y["train"][train_idx]
         keep = None
@@ -143,11 +143,11 @@ def shot_label(k: int | None) -> str:
 
 def run_sweep(args: argparse.Namespace) -> dict:
     """Fit and score every (method, K, seed); returns the fewshot.json content and writes DIR."""
-    import finetune as ft
+    import ehr_prs.recipes.finetune as ft
 
-    from modeling_ehr_prs.baselines import write_predictions
-    from modeling_ehr_prs.evaluation import bootstrap_metrics, percentile_ci
-    from modeling_ehr_prs.predict import predict_proba, prediction_frame, score_head
+    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.evaluation.metrics import bootstrap_metrics, percentile_ci
+    from ehr_prs.predict import predict_proba, prediction_frame, score_head
 
     overwrite = getattr(args, "overwrite", False)
     # before the inputs are built (minutes): a wrong --out fails at once, and never replaces an input

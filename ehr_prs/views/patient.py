@@ -46,8 +46,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, atomic_output_file, check_output
-from modeling_ehr_prs.readers import STRICT_LABELS_HELP, sex_from_code, subject_sex
+from ehr_prs.errors import InputError, input_errors, atomic_output_dir, atomic_output_file, check_output
+from ehr_prs.data.readers import STRICT_LABELS_HELP, sex_from_code, subject_sex
 
 MIN_CELL = 20  # All of Us: no group of fewer than 20 people is summarised on a page
 SAMPLING_METHODS = ("survival", "path", "mc")
@@ -162,12 +162,12 @@ class Forecaster:
         """Risk at every horizon for each prompt (rows in order; row i samples with the numbers of (seed, i))."""
         hs = self.horizons
         if self.method == "hazard":
-            from modeling_ehr_prs.time_to_event import hazard_risk
+            from ehr_prs.time_to_event import hazard_risk
 
             risk = hazard_risk(self.model, prompts, self.family_idx, hs, prs, prs_mask, self.tokenizer.pad_token_id,
                                progress=False)
             return Curves(hs, risk, risk.copy(), risk.copy())
-        from modeling_ehr_prs.risk import sample_risk
+        from ehr_prs.risk.sampling import sample_risk
 
         k = samples or self.samples
         risk, lo, hi = (np.zeros((len(prompts), len(hs))) for _ in range(3))
@@ -292,7 +292,7 @@ class Cohort:
     def group(self, split: str, when: dt.datetime) -> pl.DataFrame:
         """subject_id, age_band, sex, prevalent (an outcome code at or before `when`) of the split's subjects
         with a history at `when` and no death before it."""
-        from modeling_ehr_prs.evaluation import AGE_BANDS, AGE_LABELS
+        from ehr_prs.evaluation.metrics import AGE_BANDS, AGE_LABELS
 
         t = self.table(split).filter(pl.col("first").is_not_null() & (pl.col("first") <= when)
                                      & (pl.col("death").is_null() | (pl.col("death") > when)))
@@ -753,7 +753,7 @@ def _check_args(args) -> bool:
 
 def _load_refit(path: str, tokenizer, model, codes: list[str], target_ids: list[int]):
     """The incidence refit, checked as `ehr-prs risk` checks it."""
-    from modeling_ehr_prs.incidence import load_incidence
+    from ehr_prs.fits.incidence import load_incidence
 
     w, bias, tokens, _ = load_incidence(path)
     wanted = tokenizer.convert_ids_to_tokens(sorted(target_ids))
@@ -789,10 +789,10 @@ def _single_row(args, meds) -> tuple[pl.DataFrame, str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
-    from modeling_ehr_prs.risk import DEATH_CODE, load_model_and_tokenizer
-    from tokenizer import inputs_at_prediction_times
-    from tokenizer.prediction_inputs import warn_if_prs_not_given
+    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
+    from ehr_prs.risk.sampling import DEATH_CODE, load_model_and_tokenizer
+    from ehr_prs.tokenizer import inputs_at_prediction_times
+    from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given
 
     single = _check_args(args)
     inputs = {"--model": args.model, "--meds": args.meds, "--prs": args.prs, "--labels": args.labels,
@@ -806,11 +806,11 @@ def run(args: argparse.Namespace) -> None:
                          "logit_bias, prefix or cross_attention, or pass --no-whatif for the record and risk curve alone")
     try:
         target_ids = tokenizer.code_token_ids(list(args.codes))
-    except InputError as err:
+    except input_errors() as err:
         raise InputError(f"--codes: {err}") from err
     method, family_idx, method_note = args.method, None, ""
     if method in ("auto", "hazard"):
-        from modeling_ehr_prs.time_to_event import target_families
+        from ehr_prs.time_to_event import target_families
 
         if not config.has_tte_head:
             if method == "hazard":
@@ -821,7 +821,7 @@ def run(args: argparse.Namespace) -> None:
             try:
                 family_idx = target_families(tokenizer, config.tte_families, args.codes)
                 method = "hazard"
-            except InputError:
+            except input_errors():
                 if method == "hazard":
                     raise
                 method, method_note = "survival", "The time-to-event head does not predict these codes: sampled futures."

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.errors import InputError, atomic_output_dir, check_output
 
 # ----------------------------------------------------------------------------- vocabulary
 TASKS = ("t2d", "stroke", "copd")

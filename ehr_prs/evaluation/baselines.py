@@ -44,12 +44,12 @@ import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_file, check_output
-from modeling_ehr_prs.readers import (
+from ehr_prs.errors import InputError, atomic_output_file, check_output
+from ehr_prs.data.readers import (
     STRICT_LABELS_HELP, LabelSelection, MedsDataset, PrsTable, read_labels, read_meds_dataset, read_prs_table,
     select_label_rows, subject_sex, warn,
 )
-from tokenizer.prs_standardizer import PrsStandardizer
+from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer
 
 KINDS = ("prs-lr", "counts-gbm", "counts-gbm-prs")
 WINDOWS_DAYS = (30, 365, 1095)  # plus "all time"

@@ -36,7 +36,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.errors import InputError, atomic_output_dir, check_output
 
 PAPER = "Integrating Genomics into Multimodal EHR Foundation Models (arXiv 2510.23639)"
 CODE_LICENSE = "apache-2.0"

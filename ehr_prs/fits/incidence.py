@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError, atomic_output_file, check_output
+from ehr_prs.collator import EhrPrsCollator
+from ehr_prs.errors import InputError, atomic_output_file, check_output
 
 FORMAT = "ehr-prs incidence refit 1"
 ALPHAS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # ridge penalties tried (sklearn PoissonRegressor units)
@@ -246,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import datasets
 
-    from modeling_ehr_prs.risk import load_model_and_tokenizer
+    from ehr_prs.risk.sampling import load_model_and_tokenizer
 
     check_incidence_output(args.out, args.model, args.data, args.overwrite)
     if not 0 < args.negative_fraction <= 1:

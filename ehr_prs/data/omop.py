@@ -59,8 +59,8 @@ import polars as pl
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output
-from modeling_ehr_prs.readers import KNOWN_SPLITS, read_meds_dataset, warn
+from ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.data.readers import KNOWN_SPLITS, read_meds_dataset, warn
 
 ETL_NAME, ETL_VERSION = "meds_etl.omop", "0.3.11"
 ETL_DIR_ENV = "EHR_PRS_OMOP_ETL_PATH"

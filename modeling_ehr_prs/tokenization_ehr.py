@@ -21,11 +21,13 @@ import re
 
 from transformers import PreTrainedTokenizer
 
-try:  # inside the ehr-prs package errors are the project's InputError (the CLI prints them)
-    from modeling_ehr_prs.errors import InputError
-except ImportError:  # loaded as remote code without the package
-    class InputError(ValueError):
-        """A user input is wrong; the message says what would be right."""
+
+class InputError(ValueError):
+    """A code, prefix or vocabulary file is wrong; the message says what would be right.
+
+    The tokenizer's own class, so that this file stays self-contained as remote code; the
+    `ehr-prs` command prints it like the stages' `ehr_prs.errors.InputError` (one line, exit 2).
+    """
 
 FORMAT_NAME = "ehr-prs-tokenizer"
 FORMAT_VERSION = 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -16,6 +17,16 @@ class InputError(ValueError):
     The message names what is wrong and says what would be right; the CLI prints it
     without a traceback and exits with status 2.
     """
+
+
+def input_errors() -> tuple[type[ValueError], ...]:
+    """The classes that mean "a user input is wrong", for `except input_errors():`.
+
+    InputError, and the tokenizer's own (modeling_ehr_prs/tokenization_ehr.py defines one so that
+    it stays self-contained as hub remote code), which can only have been raised once imported.
+    """
+    tokenization = sys.modules.get("modeling_ehr_prs.tokenization_ehr")
+    return (InputError,) if tokenization is None else (InputError, tokenization.InputError)
 
 
 PathArg = str | os.PathLike

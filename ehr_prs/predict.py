@@ -32,9 +32,9 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.errors import InputError, check_output
-from modeling_ehr_prs.readers import STRICT_LABELS_HELP
+from ehr_prs.collator import EhrPrsCollator
+from ehr_prs.errors import InputError, check_output
+from ehr_prs.data.readers import STRICT_LABELS_HELP
 
 SUMMARY_FILE = "finetune_summary.json"
 STANDARDIZER_FILE = "prs_standardizer.json"
@@ -76,9 +76,9 @@ def load_base_classifier(model_dir: str | Path):
     from transformers.utils import logging as hf_logging
 
     import modeling_ehr_prs  # noqa: F401  (Auto registration)
-    from modeling_ehr_prs.checked_load import load_checked
+    from ehr_prs.checkpoints import load_checked
     from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForSequenceClassification
-    from tokenizer import EhrTokenizer, PrsStandardizer
+    from ehr_prs.tokenizer import EhrTokenizer, PrsStandardizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -150,7 +150,7 @@ def load_for_prediction(model_dir: str | Path, adapter_dir: str | Path | None = 
 
         adapter_dir = Path(adapter_dir)
         summary = check_adapter_base(adapter_dir, model_dir, base_fingerprint(model))
-        from modeling_ehr_prs.checked_load import check_finite, check_safetensors_file
+        from ehr_prs.checkpoints import check_finite, check_safetensors_file
 
         if (adapter_dir / "adapter_model.safetensors").exists() or not (adapter_dir / "adapter_model.bin").exists():
             check_safetensors_file(adapter_dir / "adapter_model.safetensors", "--adapter")  # names a cut-short file
@@ -177,7 +177,7 @@ def classifier_max_length(config, cap: int | None = None, tokenizer=None) -> int
 
 def task_inputs(meds, labels: pl.DataFrame, tokenizer, standardizer, prs, split: str, max_length: int):
     """One dataset row per label row of `split`, events up to prediction_time only (the shared function)."""
-    from tokenizer import inputs_at_prediction_times
+    from ehr_prs.tokenizer import inputs_at_prediction_times
 
     if prs is not None and standardizer is None:
         raise InputError("--prs was given but the model folder has no prs_standardizer.json: the model was trained "
@@ -292,9 +292,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from modeling_ehr_prs.baselines import write_predictions
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
-    from tokenizer.prediction_inputs import warn_if_prs_not_given
+    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
+    from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given
 
     check_output(args.out, {"--model": args.model, "--adapter": args.adapter, "--meds": args.meds, "--prs": args.prs,
                             "--labels": args.labels}, args.overwrite, kind="file")

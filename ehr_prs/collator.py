@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from modeling_ehr_prs.time_to_event import tte_targets
+from ehr_prs.time_to_event import tte_targets
 
 
 @dataclass

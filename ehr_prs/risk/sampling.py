@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from modeling_ehr_prs.errors import InputError, check_output
-from modeling_ehr_prs.incidence import load_incidence, pooled_states
-from modeling_ehr_prs.readers import STRICT_LABELS_HELP
+from ehr_prs.errors import InputError, check_output
+from ehr_prs.fits.incidence import load_incidence, pooled_states
+from ehr_prs.data.readers import STRICT_LABELS_HELP
 
 try:  # the cache layer class of transformers 5 (DynamicCache.layers)
     from transformers.cache_utils import DynamicLayer
@@ -108,7 +108,7 @@ def sample_risk(
     control_variates: correct each path by its tokens' martingale increments (module docstring);
     needs K >= 2 and enough paths to fit, else the plain average is returned.
     incidence_refit: (w (hidden_size,), b) from `ehr-prs incidence-refit`: each row's target logits are
-    shifted by b + w . (mean final hidden state of its prompt) at every step (modeling_ehr_prs.incidence).
+    shifted by b + w . (mean final hidden state of its prompt) at every step (ehr_prs.fits.incidence).
     """
     if method not in METHODS:
         raise InputError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -478,12 +478,12 @@ def load_model_and_tokenizer(model_dir: str | Path):
     from transformers import AutoModelForCausalLM
 
     import modeling_ehr_prs  # noqa: F401  (Auto registration)
-    from tokenizer import EhrTokenizer, PrsStandardizer
+    from ehr_prs.tokenizer import EhrTokenizer, PrsStandardizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise InputError(f"--model {model_dir}: no config.json; expected a folder written by `ehr-prs pretrain`")
-    from modeling_ehr_prs.checked_load import load_checked
+    from ehr_prs.checkpoints import load_checked
 
     # Names a missing, truncated or corrupt model.safetensors, and refuses NaN/inf weights (a diverged run).
     model = load_checked(AutoModelForCausalLM.from_pretrained, model_dir, "--model")
@@ -505,9 +505,9 @@ def _write_hazard_risk(args, model, tokenizer, data, prompts, family_idx, prs_t,
     """--method hazard: risk at --horizon-days (and the --horizons curve) from the TTE head, one pass per row."""
     import polars as pl
 
-    from modeling_ehr_prs.baselines import write_predictions
-    from modeling_ehr_prs.errors import atomic_output_file
-    from modeling_ehr_prs.time_to_event import hazard_risk
+    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.errors import atomic_output_file
+    from ehr_prs.time_to_event import hazard_risk
 
     horizons = [args.horizon_days, *[h for h in (args.horizons or []) if h != args.horizon_days]]
     if any(h <= 0 for h in horizons):
@@ -540,10 +540,10 @@ def _write_hazard_risk(args, model, tokenizer, data, prompts, family_idx, prs_t,
 def run(args: argparse.Namespace) -> None:
     import polars as pl
 
-    from modeling_ehr_prs.baselines import write_predictions
-    from modeling_ehr_prs.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
-    from tokenizer import inputs_at_prediction_times
-    from tokenizer.prediction_inputs import warn_if_prs_not_given
+    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
+    from ehr_prs.tokenizer import inputs_at_prediction_times
+    from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given
 
     check_output(args.out, {"--model": args.model, "--meds": args.meds, "--prs": args.prs, "--labels": args.labels,
                             "--incidence-refit": args.incidence_refit}, args.overwrite, kind="file")
@@ -595,7 +595,7 @@ def run(args: argparse.Namespace) -> None:
         raise InputError("--horizons needs --method hazard (the sampling methods score one horizon per run)")
     family_idx = None
     if args.method == "hazard":
-        from modeling_ehr_prs.time_to_event import target_families
+        from ehr_prs.time_to_event import target_families
 
         family_idx = target_families(tokenizer, model.config.tte_families, args.codes)
     prefix = model.config.prs_tokens if model.config.prs_fusion == "prefix" else 0

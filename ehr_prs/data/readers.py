@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from flexible_schema import PyArrowSchema
 
-from modeling_ehr_prs.errors import InputError
+from ehr_prs.errors import InputError
 
 # PGS Catalog score ids: "PGS" and six digits (PGS000001 ...). Other columns are not scores.
 PRS_COLUMN_PATTERN = re.compile(r"^PGS\d{6}$")

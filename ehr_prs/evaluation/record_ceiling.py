@@ -38,10 +38,10 @@ import meds
 import numpy as np
 import polars as pl
 
-from modeling_ehr_prs.baselines import KEY, check_two_classes, write_predictions
-from modeling_ehr_prs.errors import InputError, check_output
-from modeling_ehr_prs.readers import sex_from_code, subject_sex
-from modeling_ehr_prs.simulate import (COMORBIDITIES, MEASUREMENT_CODES, MIN_HISTORY_DAYS, SMOKING_CODES,
+from ehr_prs.evaluation.baselines import KEY, check_two_classes, write_predictions
+from ehr_prs.errors import InputError, check_output
+from ehr_prs.data.readers import sex_from_code, subject_sex
+from ehr_prs.data.simulate import (COMORBIDITIES, MEASUREMENT_CODES, MIN_HISTORY_DAYS, SMOKING_CODES,
                                        TASK_CODE_PREFIXES, TASKS)
 
 # The record's readouts of what each task's hazard depends on (simulate._log_hazard): measurements

@@ -38,8 +38,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
-from modeling_ehr_prs.errors import InputError, atomic_output_dir, check_output  # noqa: E402
-from modeling_ehr_prs.evaluation import (  # noqa: E402
+from ehr_prs.errors import InputError, atomic_output_dir, check_output  # noqa: E402
+from ehr_prs.evaluation.metrics import (  # noqa: E402
     KEY,
     _level_key,
     complementary_suppression,
@@ -49,7 +49,7 @@ from modeling_ehr_prs.evaluation import (  # noqa: E402
     prs_subgroups,
     small,
 )
-from modeling_ehr_prs.readers import read_prs_table, warn  # noqa: E402
+from ehr_prs.data.readers import read_prs_table, warn  # noqa: E402
 
 WITH, WITHOUT = "with genotype", "genotype removed"
 

@@ -1,0 +1,1 @@
+"""Data in and out: the simulated cohort, OMOP CDM -> MEDS, readers of MEDS / PRS / labels, prediction files."""

@@ -1,0 +1,1 @@
+"""Views for a person and a cohort: the patient page and the genomic what-if."""
