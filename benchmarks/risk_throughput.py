@@ -80,7 +80,8 @@ def load_rows(model_dir, meds_dir, prs_path, labels_path, codes, n_rows, max_new
     balanced: a quarter positive (so that AUROC is measurable on few rows); else the first rows as they come.
     """
     from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table
-    from ehr_prs.risk.sampling import DEATH_CODE, load_model_and_tokenizer
+    from ehr_prs.checkpoints import load_model_and_tokenizer
+    from ehr_prs.risk.sampling import DEATH_CODE
     from ehr_prs.tokenizer import inputs_at_prediction_times
 
     model, tok, std = load_model_and_tokenizer(model_dir)

@@ -58,7 +58,7 @@ def real_prompts(args: argparse.Namespace):
     import polars as pl
 
     from ehr_prs.data.readers import read_labels, read_meds_dataset
-    from ehr_prs.risk.sampling import load_model_and_tokenizer
+    from ehr_prs.checkpoints import load_model_and_tokenizer
     from ehr_prs.time_to_event import target_families
     from ehr_prs.tokenizer import inputs_at_prediction_times
 

@@ -179,3 +179,23 @@ def checkpoint_problem(folder: Path) -> str | None:
         if not _is_zip(path):
             return f"{path.name} is truncated or corrupt"
     return None
+
+
+def load_model_and_tokenizer(model_dir: str | Path):
+    """The causal LM, its tokenizer and PRS standardiser (None if the model was trained without PRS)."""
+    from transformers import AutoModelForCausalLM
+
+    import modeling_ehr_prs  # noqa: F401  (Auto registration)
+    from ehr_prs.tokenizer import EhrTokenizer, PrsStandardizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise InputError(f"--model {model_dir}: no config.json; expected a folder written by `ehr-prs pretrain`")
+    # Names a missing, truncated or corrupt model.safetensors, and refuses NaN/inf weights (a diverged run).
+    model = load_checked(AutoModelForCausalLM.from_pretrained, model_dir, "--model")
+    model.eval()
+    tokenizer = EhrTokenizer.from_pretrained(str(model_dir))
+    standardizer = None
+    if (model_dir / "prs_standardizer.json").exists():
+        standardizer = PrsStandardizer.load(str(model_dir))
+    return model, tokenizer, standardizer

@@ -292,7 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.data.predictions import write_predictions
     from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
     from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given
 

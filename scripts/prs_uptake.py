@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ehr_prs.collator import EhrPrsCollator
 from ehr_prs.errors import InputError
-from ehr_prs.risk.sampling import load_model_and_tokenizer
+from ehr_prs.checkpoints import load_model_and_tokenizer
 
 
 def first_code_logprobs(model_dir: str, rows, codes: list[str], batch_size: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ehr_prs.recipes.finetune as ft
+from ehr_prs.data.predictions import PREDICTION_SCHEMA
 from ehr_prs.evaluation import baselines
 from ehr_prs import cli
 from ehr_prs.errors import InputError
@@ -134,7 +135,7 @@ def test_lora_adapter_reloads_to_identical_predictions(env, data, tmp_path):
     assert cli.main(["predict", "--model", env["lm"], "--adapter", str(out), "--meds", env["meds"], "--prs",
                      env["prs"], "--labels", env["labels"], "--out", str(pred)]) == 0
     frame = pl.read_parquet(pred)
-    assert frame.columns == baselines.PREDICTION_SCHEMA.names
+    assert frame.columns == PREDICTION_SCHEMA.names
     np.testing.assert_array_equal(frame["predicted_boolean_probability"].to_numpy(), in_memory)
 
 

@@ -455,7 +455,7 @@ def test_incidence_statistics_read_the_scores_of_a_model_that_takes_them(pipelin
     import datasets
 
     from ehr_prs.fits.incidence import onset_statistics
-    from ehr_prs.risk.sampling import load_model_and_tokenizer
+    from ehr_prs.checkpoints import load_model_and_tokenizer
 
     model, tok, _ = load_model_and_tokenizer(pipeline / "model")
     rows = datasets.load_from_disk(str(pipeline / "tok" / "train"))

@@ -28,7 +28,7 @@ from ehr_prs import cli
 from ehr_prs.checkpoints import checkpoint_problem, nonfinite_tensors
 from ehr_prs.errors import InputError
 from ehr_prs.predict import load_base_classifier
-from ehr_prs.risk.sampling import load_model_and_tokenizer
+from ehr_prs.checkpoints import load_model_and_tokenizer
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 

@@ -32,19 +32,17 @@ the feature vocabulary only if it occurs, before a train prediction time, in >= 
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import meds
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ehr_prs.errors import InputError, atomic_output_file, check_output
+from ehr_prs.data.predictions import write_predictions
+from ehr_prs.errors import InputError, check_output
 from ehr_prs.data.readers import (
     STRICT_LABELS_HELP, LabelSelection, MedsDataset, PrsTable, read_labels, read_meds_dataset, read_prs_table,
     select_label_rows, subject_sex, warn,
@@ -56,13 +54,6 @@ WINDOWS_DAYS = (30, 365, 1095)  # plus "all time"
 DAY_US = 86_400 * 1_000_000
 KEY = ["subject_id", "prediction_time"]
 
-# MEDS prediction files (meds 0.4.1 ships no prediction schema; this follows MEDS-evaluation's).
-PREDICTION_SCHEMA = pa.schema([
-    pa.field("subject_id", pa.int64(), nullable=False),
-    pa.field("prediction_time", pa.timestamp("us"), nullable=False),
-    pa.field("boolean_value", pa.bool_(), nullable=False),
-    pa.field("predicted_boolean_probability", pa.float64(), nullable=False),
-])
 
 
 # ----------------------------------------------------------------------------------------
@@ -444,27 +435,6 @@ def run_baseline(kind: str, meds_dir: str | Path, labels_path: str | Path, prs_p
         pl.Series("predicted_boolean_probability", p, dtype=pl.Float64)
     )
     return BaselineResult(preds, X[split].shape[1], "; ".join(details), selection)
-
-
-def write_predictions(preds: pl.DataFrame, path: str | Path, overwrite: bool = False,
-                      source: str | None = None) -> None:
-    """Write a MEDS prediction file (PREDICTION_SCHEMA) atomically; an existing file only with `overwrite`.
-
-    A NaN, infinite or missing probability is refused (InputError naming how many rows and `source`,
-    the model that produced them): it is a broken model, and a file of them would only fail later,
-    in `evaluate`, far from the cause.
-    """
-    prob = preds["predicted_boolean_probability"].cast(pl.Float64)
-    bad = int((prob.is_null() | ~prob.fill_null(0.0).is_finite()).sum())
-    if bad:
-        raise InputError(
-            f"{source or 'the model'} gave {bad:,} of {preds.height:,} rows a NaN, infinite or missing probability: "
-            f"not writing {path}. The model is broken (e.g. diverged in training: retrain it with a lower "
-            f"--learning-rate) or its inputs hold NaN"
-        )
-    table = preds.select(PREDICTION_SCHEMA.names).to_arrow().cast(PREDICTION_SCHEMA)
-    with atomic_output_file(path, overwrite) as tmp:
-        pq.write_table(table, tmp)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

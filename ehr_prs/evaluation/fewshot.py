@@ -145,7 +145,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     """Fit and score every (method, K, seed); returns the fewshot.json content and writes DIR."""
     import ehr_prs.recipes.finetune as ft
 
-    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.data.predictions import write_predictions
     from ehr_prs.evaluation.metrics import bootstrap_metrics, percentile_ci
     from ehr_prs.predict import predict_proba, prediction_frame, score_head
 

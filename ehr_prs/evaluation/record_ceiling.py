@@ -38,7 +38,8 @@ import meds
 import numpy as np
 import polars as pl
 
-from ehr_prs.evaluation.baselines import KEY, check_two_classes, write_predictions
+from ehr_prs.data.predictions import write_predictions
+from ehr_prs.evaluation.baselines import KEY, check_two_classes
 from ehr_prs.errors import InputError, check_output
 from ehr_prs.data.readers import sex_from_code, subject_sex
 from ehr_prs.data.simulate import (COMORBIDITIES, MEASUREMENT_CODES, MIN_HISTORY_DAYS, SMOKING_CODES,

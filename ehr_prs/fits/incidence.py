@@ -246,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     import datasets
 
-    from ehr_prs.risk.sampling import load_model_and_tokenizer
+    from ehr_prs.checkpoints import load_model_and_tokenizer
 
     check_incidence_output(args.out, args.model, args.data, args.overwrite)
     if not 0 < args.negative_fraction <= 1:

@@ -473,28 +473,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "backbone its adapter continues (make demo shares one refit among four models)")
 
 
-def load_model_and_tokenizer(model_dir: str | Path):
-    """The causal LM, its tokenizer and PRS standardiser (None if the model was trained without PRS)."""
-    from transformers import AutoModelForCausalLM
-
-    import modeling_ehr_prs  # noqa: F401  (Auto registration)
-    from ehr_prs.tokenizer import EhrTokenizer, PrsStandardizer
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise InputError(f"--model {model_dir}: no config.json; expected a folder written by `ehr-prs pretrain`")
-    from ehr_prs.checkpoints import load_checked
-
-    # Names a missing, truncated or corrupt model.safetensors, and refuses NaN/inf weights (a diverged run).
-    model = load_checked(AutoModelForCausalLM.from_pretrained, model_dir, "--model")
-    model.eval()
-    tokenizer = EhrTokenizer.from_pretrained(str(model_dir))
-    standardizer = None
-    if (model_dir / "prs_standardizer.json").exists():
-        standardizer = PrsStandardizer.load(str(model_dir))
-    return model, tokenizer, standardizer
-
-
 def curve_path_of(out: str | Path) -> Path:
     """Where --horizons writes the risk curve: OUT_STEM.curve.parquet beside --out."""
     out = Path(out)
@@ -505,7 +483,7 @@ def _write_hazard_risk(args, model, tokenizer, data, prompts, family_idx, prs_t,
     """--method hazard: risk at --horizon-days (and the --horizons curve) from the TTE head, one pass per row."""
     import polars as pl
 
-    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.data.predictions import write_predictions
     from ehr_prs.errors import atomic_output_file
     from ehr_prs.time_to_event import hazard_risk
 
@@ -540,7 +518,8 @@ def _write_hazard_risk(args, model, tokenizer, data, prompts, family_idx, prs_t,
 def run(args: argparse.Namespace) -> None:
     import polars as pl
 
-    from ehr_prs.evaluation.baselines import write_predictions
+    from ehr_prs.checkpoints import load_model_and_tokenizer
+    from ehr_prs.data.predictions import write_predictions
     from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
     from ehr_prs.tokenizer import inputs_at_prediction_times
     from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given

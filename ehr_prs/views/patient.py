@@ -790,7 +790,8 @@ def _single_row(args, meds) -> tuple[pl.DataFrame, str]:
 
 def run(args: argparse.Namespace) -> None:
     from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
-    from ehr_prs.risk.sampling import DEATH_CODE, load_model_and_tokenizer
+    from ehr_prs.checkpoints import load_model_and_tokenizer
+    from ehr_prs.risk.sampling import DEATH_CODE
     from ehr_prs.tokenizer import inputs_at_prediction_times
     from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given
 
