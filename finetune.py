@@ -48,13 +48,10 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import torch
-import torch.nn.functional as F
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import PrinterCallback
 
 from ehr_prs.errors import InputError, input_errors, atomic_output_dir, check_output
 from ehr_prs.predict import (
@@ -70,6 +67,12 @@ from ehr_prs.predict import (
     task_inputs,
 )
 from ehr_prs.data.readers import STRICT_LABELS_HELP
+from ehr_prs.recipes.flags import parse_flags
+
+# torch, transformers and peft are imported inside the functions that use them: the flags (`ehr-prs
+# finetune --help`, `python finetune.py --help`) do not pay ~6 s of imports.
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 METHODS = ("lora", "probe", "full")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -201,6 +204,8 @@ def check_two_classes(y: np.ndarray, labels_path: str, split: str) -> None:
 
 def build_classifier(args: FinetuneArguments):
     """(model ready for Trainer with only --method's parameters trainable, fingerprint of its base)."""
+    import torch
+
     torch.manual_seed(args.seed)  # the new head's init
     model, _, _ = load_base_classifier(args.model)
     fingerprint = base_fingerprint(model)
@@ -216,11 +221,11 @@ def build_classifier(args: FinetuneArguments):
 
     to_save = ["score"]
     if args.train_prs_adapter:
-        if model.config.prs_fusion == "none":
+        if not model.config.has_prs_adapter:  # (a logit_bias model was refused when loaded)
             raise InputError(f"--train-prs-adapter: {args.model} is an EHR-only model (prs_fusion none), "
                              "it has no genomic adapter")
         to_save.append("prs_adapter")
-        if model.config.prs_fusion == "cross_attention":
+        if model.config.has_cross_attention:
             to_save.append("prs_cross_attn")
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha,
                         lora_dropout=args.lora_dropout, target_modules=list(LORA_TARGETS), modules_to_save=to_save)
@@ -240,9 +245,13 @@ class WeightedBCE:
     """Trainer's compute_loss_func: BCE-with-logits with positives weighted by `pos_weight`."""
 
     def __init__(self, pos_weight: float):
+        import torch
+
         self.pos_weight = torch.tensor(pos_weight)
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
+        import torch.nn.functional as F
+
         logits = outputs.logits[:, 0].float()  # (b,)
         loss = F.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=self.pos_weight.to(logits.device),
                                                   reduction="sum")
@@ -260,25 +269,36 @@ def tuning_metrics(eval_pred) -> dict:
     return {"auroc": float(roc_auc_score(y, np.asarray(logits).reshape(-1))) if two else math.nan}
 
 
-class KeepBest(TrainerCallback):
-    """Holds a copy of the trainable weights of the best epoch in memory (no checkpoint files)."""
+def keep_best(by_auroc: bool) -> TrainerCallback:
+    """A Trainer callback that keeps the best epoch's trainable weights (by tuning AUROC, else loss).
 
-    def __init__(self, by_auroc: bool):
-        self.by_auroc = by_auroc
-        self.best, self.best_epoch, self.best_metrics, self.state = -math.inf, None, {}, None
+    Defined where transformers is imported, so that importing this recipe (for its flags: `ehr-prs
+    finetune --help`) does not pay for it.
+    """
+    import torch
+    from transformers import TrainerCallback
 
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        value = metrics["eval_auroc"] if self.by_auroc else -metrics["eval_loss"]
-        if value > self.best:
-            self.best, self.best_epoch, self.best_metrics = value, round(state.epoch or 0), dict(metrics)
-            self.state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    class KeepBest(TrainerCallback):
+        """Holds a copy of the trainable weights of the best epoch in memory (no checkpoint files)."""
 
-    def restore(self, model) -> None:
-        if self.state is not None:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for n, value in self.state.items():
-                    params[n].copy_(value)
+        def __init__(self, by_auroc: bool):
+            self.by_auroc = by_auroc
+            self.best, self.best_epoch, self.best_metrics, self.state = -math.inf, None, {}, None
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            value = metrics["eval_auroc"] if self.by_auroc else -metrics["eval_loss"]
+            if value > self.best:
+                self.best, self.best_epoch, self.best_metrics = value, round(state.epoch or 0), dict(metrics)
+                self.state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        def restore(self, model) -> None:
+            if self.state is not None:
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for n, value in self.state.items():
+                        params[n].copy_(value)
+
+    return KeepBest(by_auroc)
 
 
 def stratified_cap(y: np.ndarray, cap: int | None, seed: int) -> np.ndarray:
@@ -306,6 +326,8 @@ def finetune(args: FinetuneArguments, data: TaskData | None = None, save: bool =
 
     save=False skips writing --output-dir (the model is returned); quiet drops per-epoch log lines.
     """
+    import torch
+
     if save:  # before the inputs are built and the model trained: a wrong --output-dir fails at once
         check_output(args.output_dir, _input_flags(args), args.overwrite, flag="--output-dir")
     if args.method not in METHODS:
@@ -371,6 +393,10 @@ def finetune(args: FinetuneArguments, data: TaskData | None = None, save: bool =
 def train_with_trainer(model, data: TaskData, args: FinetuneArguments, train_idx: np.ndarray,
                        tu_idx: np.ndarray | None, by_auroc: bool, pos_weight: float, quiet: bool) -> dict:
     """lora / full: Trainer with the weighted BCE, one tuning evaluation per epoch, best epoch restored."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
     keep = ["input_ids", "prs", "prs_mask", "boolean_value", "length"]
 
     def subset(split, idx):
@@ -381,8 +407,8 @@ def train_with_trainer(model, data: TaskData, args: FinetuneArguments, train_idx
     tuning_ds = subset("tuning", tu_idx) if tu_idx is not None else None
     steps_per_epoch = math.ceil(len(train_ds) / args.batch_size)
     epochs = max(args.epochs, math.ceil(args.min_steps / steps_per_epoch))
-    keeper = KeepBest(by_auroc)
-    n_prs = model.config.n_prs if model.config.prs_fusion != "none" else 0
+    keeper = keep_best(by_auroc)
+    n_prs = model.config.n_prs if model.config.reads_prs else 0
     with tempfile.TemporaryDirectory(prefix="ehr-prs-finetune-") as scratch:
         training_args = TrainingArguments(
             output_dir=scratch,  # nothing is saved there (save_strategy no); the best epoch stays in memory
@@ -454,6 +480,8 @@ def fit_probe(model, data: TaskData, fingerprint: dict, train_idx: np.ndarray, t
     The backbone is frozen, so its features are computed once (no epochs over the backbone);
     C is chosen on the tuning rows' AUROC (C = 1 when those have one class), as EHRSHOT does.
     """
+    import torch
+
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
@@ -508,13 +536,8 @@ def write_output(model, data: TaskData, args: FinetuneArguments, summary: dict) 
 
 
 def parse_args(argv: list[str] | None) -> FinetuneArguments:
-    parser = HfArgumentParser(FinetuneArguments, prog="finetune.py", description=__doc__.split("\n")[0])
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    return args
+    """The flags (or one YAML file of them), parsed as HfArgumentParser does, without importing transformers."""
+    return parse_flags(FinetuneArguments, argv, prog="finetune.py", description=__doc__.split("\n")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python train.py --data runs/tok --output-dir runs/ehr_prefix --preset small --prs-fusion prefix --max-steps 2000
     ehr-prs pretrain --data runs/tok --output-dir runs/ehr_prefix --preset small      (same flags)
     accelerate launch --config_file configs/cpu_2proc.yaml train.py --data runs/tok ...   (2 processes on CPU)
-    accelerate launch --config_file configs/fsdp.yaml train.py --preset paper ...          (multi-GPU, see README)
+    accelerate launch --config_file configs/fsdp.yaml train.py --preset paper ...          (multi-GPU, see docs/methods.md)
     python train.py my_run.yaml                                                             (flags from a YAML file)
 
 The paper's second route, adding PRS to an EHR-only model:
@@ -28,24 +28,23 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
-
-import modeling_ehr_prs  # noqa: F401  (registers the Auto classes)
-from ehr_prs.collator import EhrPrsCollator
-from modeling_ehr_prs.configuration_ehr_prs import PRESETS, PRS_FUSIONS, EhrPrsConfig
-from ehr_prs.checkpoints import (
-    all_finite,
-    check_finite,
-    check_model_folder,
-    checkpoint_problem,
-    describe_nonfinite,
-    load_checked,
-    nonfinite_tensors,
-)
 from ehr_prs.errors import InputError, input_errors, check_output
-from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
+from ehr_prs.privacy import MIN_SUBJECTS
+from ehr_prs.recipes.flags import parse_flags
+
+# torch, transformers and the model (modeling_ehr_prs, whose import registers the Auto classes) are
+# imported inside the functions that use them: the flags (`ehr-prs pretrain --help`, `python train.py
+# --help`) and the helpers other stages reuse do not pay ~6 s of imports.
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainerCallback
+
+    from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
+
+# The names of modeling_ehr_prs.PRESETS, for --help without importing the model (tests/test_layout.py
+# checks that they agree).
+PRESET_NAMES = ("paper", "small", "tiny")
 
 STANDARDIZER_FILE = "prs_standardizer.json"
 SUMMARY_FILE = "training_summary.json"
@@ -57,11 +56,12 @@ class PretrainArguments:
 
     data: str = field(metadata={"help": "Folder written by `ehr-prs tokenize` (tokenizer/, train/, tuning/)."})
     output_dir: str = field(metadata={"help": "Where checkpoints and the final self-contained model folder go."})
-    preset: str = field(default="small", metadata={"help": f"Model size: one of {sorted(PRESETS)}."})
+    preset: str = field(default="small", metadata={"help": f"Model size: one of {sorted(PRESET_NAMES)}."})
     prs_fusion: str = field(
         default="auto",
         metadata={"help": "Genomic adapter: none (EHR-only), prefix, cross_attention or logit_bias (with "
-                          "--init-from and --freeze-backbone, fitted in closed form: no gradient steps). "
+                          "--init-from and --freeze-backbone: a deprecated alias of `ehr-prs fit-logit-bias`, "
+                          "fitted in closed form). "
                           "Default auto: prefix when --data was tokenized with --prs, none when not (with "
                           "--init-from, the checkpoint's adapter)."},
     )
@@ -71,7 +71,8 @@ class PretrainArguments:
         metadata={"help": "A pretrained checkpoint to continue from (e.g. EHR-only, adding a new genomic adapter)."},
     )
     freeze_backbone: bool = field(
-        default=False, metadata={"help": "With --init-from: train only the genomic adapter, keep the decoder fixed."}
+        default=False, metadata={"help": "With --init-from: train only the genomic adapter, keep the decoder fixed "
+                                         "(the logit_bias adapter: `ehr-prs fit-logit-bias` instead)."}
     )
     resume: bool = field(
         default=False,
@@ -113,8 +114,8 @@ class PretrainArguments:
     tte_families: int = field(
         default=0,
         metadata={"help": "Time-to-event head: predict the first later occurrence of the N most common code families "
-                          "(those first seen in at least 20 training subjects) from every position, jointly with the "
-                          "LM loss (MOTOR style); 0 = no head. Enables `ehr-prs risk --method hazard`."},
+                          f"(those first seen in at least {MIN_SUBJECTS} training subjects) from every position, jointly "
+                          "with the LM loss (MOTOR style); 0 = no head. Enables `ehr-prs risk --method hazard`."},
     )
     tte_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the TTE loss beside the LM loss."})
     tte_rank: int = field(default=32, metadata={"help": "Rank of the TTE head (hidden -> bins x rank x families)."})
@@ -169,6 +170,8 @@ def resolve_prs_fusion(args: PretrainArguments, n_prs: int, data_dir: Path) -> s
     an EHR-only model (none), data with one a prefix model; with --init-from, a checkpoint that
     already has an adapter keeps its kind. The choice is printed, so a log says what was trained.
     """
+    from modeling_ehr_prs.configuration_ehr_prs import PRS_FUSIONS
+
     fusion = args.prs_fusion
     if fusion != "auto" and fusion not in PRS_FUSIONS:
         raise InputError(f"--prs-fusion {fusion!r}: choose auto or one of {', '.join(PRS_FUSIONS)}")
@@ -267,6 +270,8 @@ def resume_checkpoint(out_dir: Path) -> Path:
     A kill during a save leaves a checkpoint without trainer_state.json (or with a truncated file):
     Trainer's own `resume_from_checkpoint=True` would take it and fail; the one before is intact.
     """
+    from ehr_prs.checkpoints import checkpoint_problem
+
     skipped = []
     for folder in reversed(checkpoints_in(out_dir)):
         problem = checkpoint_problem(folder)
@@ -306,8 +311,8 @@ TTE_FIELDS = ("tte_families", "tte_loss_weight", "tte_rank", "tte_prs_rank", "tt
 
 
 def choose_tte_families(tokenizer, train_ds, cap: int) -> list[str]:
-    """The code families of the TTE head: first seen in >= 20 training subjects, the `cap` most common."""
-    from ehr_prs.time_to_event import MIN_SUBJECTS, choose_families
+    """The code families of the TTE head: first seen in >= MIN_SUBJECTS training subjects, the `cap` most common."""
+    from ehr_prs.time_to_event import choose_families
 
     records = (row for batch in train_ds.select_columns(["input_ids"]).iter(batch_size=1024) for row in batch["input_ids"])
     families = choose_families(tokenizer, records, MIN_SUBJECTS, cap)
@@ -321,6 +326,10 @@ def choose_tte_families(tokenizer, train_ds, cap: int) -> list[str]:
 def build_model(args: PretrainArguments, tokenizer, n_prs: int, max_seq_length: int,
                 train_ds=None) -> EhrPrsForCausalLM:
     """A fresh model from a preset, or a checkpoint extended to this run's genomic adapter."""
+    from modeling_ehr_prs.configuration_ehr_prs import PRESETS, EhrPrsConfig
+    from modeling_ehr_prs.modeling_ehr_prs import EhrPrsForCausalLM
+    from ehr_prs.checkpoints import check_model_folder, load_checked
+
     requested = parse_overrides(args.config_overrides)
     overrides = {**requested}
     overrides.update(
@@ -405,71 +414,83 @@ def tte_collator_fields(config, tokenizer) -> dict:
 # ----------------------------------------------------------------------------- logging
 
 
-class TokensPerSecond(TrainerCallback):
-    """Adds tokens/s (non-padding, all processes) to every log line."""
-
-    def __init__(self):
-        self.start = None
-        self.start_tokens = 0
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and self.start is not None:
-            elapsed = time.perf_counter() - self.start
-            logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.start_tokens) / max(elapsed, 1e-9), 1)
-
-
 class TrainingDiverged(InputError):
     """The loss or the weights went NaN/inf: training stopped, and nothing non-finite was saved."""
 
 
-class FiniteGuard(TrainerCallback):
-    """Stops training with TrainingDiverged as soon as the loss or a weight is NaN/inf.
+def trainer_callbacks(args: PretrainArguments, out_dir: Path) -> list[TrainerCallback]:
+    """The recipe's Trainer callbacks: tokens/s in every log line, and FiniteGuard (stops on NaN/inf).
 
-    A diverged run otherwise ends with exit 0 and a model whose every prediction is NaN. The
-    weights are checked (one isfinite pass, one device sync) at every step that logs, evaluates or
-    saves, before Trainer acts on it, so a checkpoint on disk always holds finite weights and the
-    last good one survives; the logged training loss (unfiltered: see logging_nan_inf_filter) and
-    the tuning loss are checked too. Raising inside Trainer leaves the final model unwritten.
+    Defined where transformers is imported, so that importing this recipe (for its flags: `ehr-prs
+    pretrain --help`) does not pay for it.
     """
+    from transformers import TrainerCallback
 
-    def __init__(self, args: PretrainArguments, out_dir: Path):
-        self.args, self.out_dir = args, out_dir
+    from ehr_prs.checkpoints import all_finite, checkpoint_problem, describe_nonfinite, nonfinite_tensors
 
-    def _fail(self, step: int, what: str) -> None:
-        kept = [p for p in checkpoints_in(self.out_dir) if checkpoint_problem(p) is None]
-        last = (f"the last good checkpoint, {kept[-1]}, is kept" if kept
-                else "no checkpoint had been saved before it")
-        raise TrainingDiverged(
-            f"training diverged at step {step}: {what}. Stopped without saving that state; {last}, and no final "
-            f"model was written to {self.out_dir}. Lower --learning-rate ({self.args.learning_rate:g} now) or "
-            f"raise --warmup-steps ({self.args.warmup_steps} now), then rerun with --overwrite"
-        )
+    class TokensPerSecond(TrainerCallback):
+        """Adds tokens/s (non-padding, all processes) to every log line."""
 
-    def _check_weights(self, state, model) -> None:
-        params = [p for _, p in model.named_parameters()]
-        if not all_finite(params):
-            bad = nonfinite_tensors(model.named_parameters())
-            self._fail(state.global_step, f"the weights went non-finite: {describe_nonfinite(bad, len(params))}")
+        def __init__(self):
+            self.start = None
+            self.start_tokens = 0
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._check_weights(state, model)  # a resumed checkpoint from before this guard existed
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start, self.start_tokens = time.perf_counter(), state.num_input_tokens_seen
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
-            self._check_weights(state, model)
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and self.start is not None:
+                elapsed = time.perf_counter() - self.start
+                seen = state.num_input_tokens_seen - self.start_tokens
+                logs["tokens_per_second"] = round(seen / max(elapsed, 1e-9), 1)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(loss):
-            self._fail(state.global_step, f"the training loss is {loss}")
+    class FiniteGuard(TrainerCallback):
+        """Stops training with TrainingDiverged as soon as the loss or a weight is NaN/inf.
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        loss = (metrics or {}).get("eval_loss")
-        if loss is not None and not math.isfinite(loss):
-            self._fail(state.global_step, f"the tuning loss is {loss}")
+        A diverged run otherwise ends with exit 0 and a model whose every prediction is NaN. The
+        weights are checked (one isfinite pass, one device sync) at every step that logs, evaluates or
+        saves, before Trainer acts on it, so a checkpoint on disk always holds finite weights and the
+        last good one survives; the logged training loss (unfiltered: see logging_nan_inf_filter) and
+        the tuning loss are checked too. Raising inside Trainer leaves the final model unwritten.
+        """
+
+        def __init__(self, args: PretrainArguments, out_dir: Path):
+            self.args, self.out_dir = args, out_dir
+
+        def _fail(self, step: int, what: str) -> None:
+            kept = [p for p in checkpoints_in(self.out_dir) if checkpoint_problem(p) is None]
+            last = (f"the last good checkpoint, {kept[-1]}, is kept" if kept
+                    else "no checkpoint had been saved before it")
+            raise TrainingDiverged(
+                f"training diverged at step {step}: {what}. Stopped without saving that state; {last}, and no final "
+                f"model was written to {self.out_dir}. Lower --learning-rate ({self.args.learning_rate:g} now) or "
+                f"raise --warmup-steps ({self.args.warmup_steps} now), then rerun with --overwrite"
+            )
+
+        def _check_weights(self, state, model) -> None:
+            params = [p for _, p in model.named_parameters()]
+            if not all_finite(params):
+                bad = nonfinite_tensors(model.named_parameters())
+                self._fail(state.global_step, f"the weights went non-finite: {describe_nonfinite(bad, len(params))}")
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self._check_weights(state, model)  # a resumed checkpoint from before this guard existed
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_log or control.should_evaluate or control.should_save or control.should_training_stop:
+                self._check_weights(state, model)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self._fail(state.global_step, f"the training loss is {loss}")
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is not None and not math.isfinite(loss):
+                self._fail(state.global_step, f"the tuning loss is {loss}")
+
+    return [TokensPerSecond(), FiniteGuard(args, out_dir)]
 
 
 def close_progress_bars(trainer: Trainer) -> None:
@@ -494,17 +515,40 @@ def program_name() -> str:
 
 
 def parse_args(argv: list[str] | None) -> PretrainArguments:
-    parser = HfArgumentParser(PretrainArguments, prog=program_name(), description=__doc__.split("\n")[0])
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(args=argv)
-    return args
+    """The flags (or one YAML file of them), parsed as HfArgumentParser does, without importing transformers."""
+    return parse_flags(PretrainArguments, argv, prog=program_name(), description=__doc__.split("\n")[0])
 
 
-def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = None) -> Path:
-    """Run the recipe; return the folder holding the final model."""
+def is_closed_form_fit(args: PretrainArguments) -> bool:
+    """Whether the (resolved) flags ask for the logit-bias adapter on a frozen backbone: a regression with a
+    direct solution, `ehr-prs fit-logit-bias` (ehr_prs/fits/logit_bias.py), not gradient training."""
+    return args.prs_fusion == "logit_bias" and args.freeze_backbone
+
+
+@dataclass
+class PreparedRun:
+    """A run whose inputs are checked, model built and Trainer made, before any step: where `train` and
+    `ehr-prs fit-logit-bias` both start, so they read the data, extend --init-from and write the folder alike."""
+
+    args: PretrainArguments  # --prs-fusion resolved
+    data_dir: Path
+    out_dir: Path
+    tokenizer: "EhrTokenizer"  # noqa: F821
+    model: EhrPrsForCausalLM
+    trainer: Trainer
+    train_ds: "datasets.Dataset"  # noqa: F821  (the model's columns only)
+    full_tuning: "datasets.Dataset | None"  # noqa: F821  (the whole tuning split; the Trainer evaluates a sample)
+    max_seq_length: int
+    resume_from: Path | None
+
+
+def prepare(args: PretrainArguments, callbacks: list[TrainerCallback] | None = None) -> PreparedRun:
+    """Check the inputs and --output-dir, build (or extend) the model, make the Trainer; no step taken."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from modeling_ehr_prs.configuration_ehr_prs import PRESETS, PRS_FUSIONS
+    from ehr_prs.collator import EhrPrsCollator
+
     data_dir, out_dir = Path(args.data), Path(args.output_dir)
     if args.prs_fusion != "auto" and args.prs_fusion not in PRS_FUSIONS:
         raise InputError(f"--prs-fusion {args.prs_fusion!r}: choose auto or one of {', '.join(PRS_FUSIONS)}")
@@ -513,8 +557,7 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
     resume_from = resume_checkpoint(out_dir) if args.resume else None
     n_prs = n_prs_of(train_ds)
     args = replace(args, prs_fusion=resolve_prs_fusion(args, n_prs, data_dir))  # the caller's args stay as given
-    closed_form = args.prs_fusion == "logit_bias" and args.freeze_backbone
-    if not closed_form and args.warmup_steps >= args.max_steps > 0:
+    if not is_closed_form_fit(args) and args.warmup_steps >= args.max_steps > 0:
         print(f"warning: --warmup-steps {args.warmup_steps} >= --max-steps {args.max_steps}: the learning rate "
               f"never reaches --learning-rate {args.learning_rate:g} (it peaks near "
               f"{args.learning_rate * args.max_steps / max(args.warmup_steps, 1):.3g}); lower --warmup-steps "
@@ -524,9 +567,9 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
     max_seq_length = args.max_seq_length or preset_ctx
     torch.manual_seed(args.seed)
     model = build_model(args, tokenizer, n_prs, max_seq_length, train_ds)
-    if args.prs_fusion == "prefix":
+    if model.config.num_prefix_tokens:
         # The prefix occupies positions too: leave room for it inside the context.
-        max_seq_length = min(max_seq_length, model.config.max_position_embeddings - model.config.prs_tokens)
+        max_seq_length = min(max_seq_length, model.config.max_position_embeddings - model.config.num_prefix_tokens)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if clear:  # the inputs and --init-from have loaded: only now may --overwrite delete the earlier run
@@ -575,7 +618,7 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (FiniteGuard stops on it), not hidden
         report_to=args.report_to,
         use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=args.prs_fusion != "none" or None,
+        ddp_find_unused_parameters=model.config.reads_prs or None,
     )
     collator = EhrPrsCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_seq_length,
                               **tte_collator_fields(model.config, tokenizer))
@@ -586,43 +629,83 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
         train_dataset=train_ds,
         eval_dataset=tuning_ds,
         processing_class=tokenizer,
-        callbacks=[TokensPerSecond(), FiniteGuard(args, out_dir), *(callbacks or [])],
+        callbacks=[*trainer_callbacks(args, out_dir), *(callbacks or [])],
     )
-    t0 = time.perf_counter()
-    fit_report = None
-    if closed_form:
-        # On a frozen decoder the logit-bias adapter is a regression with a direct solution.
-        from ehr_prs.fits.logit_bias import fit_logit_bias
+    return PreparedRun(args=args, data_dir=data_dir, out_dir=out_dir, tokenizer=tokenizer, model=model,
+                       trainer=trainer, train_ds=train_ds, full_tuning=full_tuning, max_seq_length=max_seq_length,
+                       resume_from=resume_from)
 
-        std = data_dir / "tokenizer" / STANDARDIZER_FILE
-        columns = json.loads(std.read_text()).get("columns") if std.exists() else None
-        fit_report = fit_logit_bias(model, tokenizer, train_ds, full_tuning, batch_size=args.batch_size,
-                                    max_length=max_seq_length, prs_columns=columns, seed=args.seed)
-        result = None
-        if model.tte_head is not None and any(p.requires_grad for p in model.tte_head.parameters()):
-            # The TTE head's PRS shift (or a new head) has no closed form here: gradient steps on it
-            # alone, the fitted logit bias and the frozen decoder left as they are.
-            for param in model.prs_logit_bias.parameters():
-                param.requires_grad = False
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    else:
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except TrainingDiverged:
-            close_progress_bars(trainer)  # the error then starts its own line, not the bar's
-            raise
-    elapsed = time.perf_counter() - t0
+
+def run_trainer(run: PreparedRun):
+    """Trainer's steps (from the --resume checkpoint when there is one); the TrainOutput."""
+    try:
+        return run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    except TrainingDiverged:
+        close_progress_bars(run.trainer)  # the error then starts its own line, not the bar's
+        raise
+
+
+def finish(run: PreparedRun, result, elapsed: float, fit_report: dict | None = None) -> Path:
+    """Check the model is finite, evaluate it on the tuning sample and write the final folder; return it."""
+    from ehr_prs.checkpoints import check_finite
+
+    model, trainer, out_dir = run.model, run.trainer, run.out_dir
     # The guard saw the weights at the last logged step; the final model is checked whole before it is written.
     check_finite(model, f"the trained model (not written to {out_dir})")
-    eval_metrics = trainer.evaluate() if tuning_ds is not None else {}
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if "eval_loss" in eval_metrics and not math.isfinite(eval_metrics["eval_loss"]):
         raise TrainingDiverged(f"the tuning loss of the trained model is {eval_metrics['eval_loss']}: no final "
                                f"model was written to {out_dir}; lower --learning-rate and rerun with --overwrite")
 
     trainer.save_model(str(out_dir))  # every process calls it (distributed saving); rank 0 writes
     if trainer.is_world_process_zero():
-        write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval_metrics, elapsed, fit_report)
+        write_final_folder(trainer, run.tokenizer, run.args, run.data_dir, out_dir, result, eval_metrics, elapsed,
+                           fit_report)
     return out_dir
+
+
+def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Run the recipe; return the folder holding the final model."""
+    run = prepare(args, callbacks)
+    if is_closed_form_fit(run.args):
+        # Deprecated alias: the closed-form fit is its own command now; same function, same folder.
+        print(f"note: `{program_name()} --freeze-backbone --prs-fusion logit_bias` is deprecated: use `ehr-prs "
+              f"fit-logit-bias --model {args.init_from} --data {args.data} --output-dir {args.output_dir}` "
+              f"(the same fit, the same folder)", file=sys.stderr)
+        return write_logit_bias_fit(run)
+    t0 = time.perf_counter()
+    result = run_trainer(run)
+    return finish(run, result, time.perf_counter() - t0)
+
+
+def write_logit_bias_fit(run: PreparedRun) -> Path:
+    """`ehr-prs fit-logit-bias`: the closed-form fit (ehr_prs/fits/logit_bias.py) of a prepared run's logit
+    bias on its frozen decoder, then the folder `train` writes; return it.
+
+    A time-to-event head's PRS hazard shift (or a head new to the checkpoint) has no closed form: with
+    --max-steps > 0 it alone then takes Trainer steps here, the fitted bias and the decoder kept.
+    """
+    from ehr_prs.fits.logit_bias import describe, fit_logit_bias
+
+    model, args = run.model, run.args
+    std = run.data_dir / "tokenizer" / STANDARDIZER_FILE
+    columns = json.loads(std.read_text()).get("columns") if std.exists() else None
+    t0 = time.perf_counter()
+    report = fit_logit_bias(model, run.tokenizer, run.train_ds, run.full_tuning, batch_size=args.batch_size,
+                            max_length=run.max_seq_length, prs_columns=columns, seed=args.seed)
+    if run.trainer.is_world_process_zero():
+        print(describe(report))
+    result = None
+    if model.tte_head is not None and any(p.requires_grad for p in model.tte_head.parameters()):
+        if args.max_steps > 0:
+            for param in model.prs_logit_bias.parameters():
+                param.requires_grad = False
+            result = run_trainer(run)
+        elif run.trainer.is_world_process_zero():
+            print("note: the time-to-event head's PRS hazard shift has no closed form and --max-steps is 0: it is "
+                  "left as --model has it (0 for an EHR-only model: the backbone's hazards); pass --max-steps N to "
+                  "train it alone")
+    return finish(run, result, time.perf_counter() - t0, report)
 
 
 def write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval_metrics, elapsed,
@@ -656,14 +739,6 @@ def write_final_folder(trainer, tokenizer, args, data_dir, out_dir, result, eval
     if fit_report is not None:
         summary["logit_bias_fit"] = fit_report
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    if fit_report is not None:
-        gains = {p["lambda"]: p.get("tuning_gain_nats") for p in fit_report.get("penalty_path", [])}
-        top = [f"{f['family']} {f['tuning_gain_nats']}" for f in fit_report.get("families", [])[:5]]
-        print(f"logit_bias fitted in closed form on {fit_report['genotyped_train_sequences']:,} genotyped sequences, "
-              f"{fit_report['families_fitted']} code families; tuning log-likelihood gain (nats) by penalty {gains}, "
-              f"chosen {fit_report['chosen_lambda']}; refitted per family: {fit_report.get('families_with_an_effect')} "
-              f"families with an effect, largest gains: {', '.join(top)}"
-              + (f"; {fit_report['note']}" if "note" in fit_report else ""))
     print(
         f"wrote {out_dir}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens at "
         f"{summary['tokens_per_second']:,.0f} tokens/s, final train loss {summary['final_train_loss']}, "

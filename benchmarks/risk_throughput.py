@@ -94,7 +94,7 @@ def load_rows(model_dir, meds_dir, prs_path, labels_path, codes, n_rows, max_new
         labels = pl.concat([pos, labels.filter(~pl.col("boolean_value")).head(n_rows - pos.height)])
     else:
         labels = labels.head(n_rows)
-    prefix = model.config.prs_tokens if model.config.prs_fusion == "prefix" else 0
+    prefix = model.config.num_prefix_tokens
     data = inputs_at_prediction_times(meds, labels, tok, std if prs else None, prs, split="held_out",
                                       max_length=model.config.max_position_embeddings - prefix - max_new_tokens)
     rows = {"prompts": [list(x) for x in data["input_ids"]], "y": np.asarray(data["boolean_value"], dtype=bool),

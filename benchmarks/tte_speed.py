@@ -137,7 +137,7 @@ def main() -> None:
 def risk_speed(args, model, days, family, rng) -> None:
     """Part 2: hazard risk vs the sampling engine on the same model and prompts."""
     from ehr_prs.risk.sampling import sample_risk
-    from ehr_prs.time_to_event import hazard_risk
+    from ehr_prs.risk.hazard import hazard_risk
 
     if args.model:
         model, prompts, target_ids, fam_idx, days, stops = real_prompts(args)

@@ -1,4 +1,4 @@
-"""The `ehr-prs` command line: one console script, one subcommand per stage of DESIGN.md.
+"""The `ehr-prs` command line: one console script, one subcommand per stage of docs/design.md.
 
     ehr-prs simulate --out runs/cohort --subjects 20000
     ehr-prs --help
@@ -22,7 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("ehr_prs.data.simulate", "simulated All-of-Us-like cohort (MEDS, PRS, labels, true risks)"),
     "tokenize": ("ehr_prs.tokenizer.cli", "MEDS (+ PRS) -> tokenizer and one token dataset per split"),
     "pretrain": ("ehr_prs.recipes.train", "pretrain the causal LM (+ genomic adapter) on tokenized data; same flags as train.py"),
-    "risk": ("ehr_prs.risk.sampling", "zero-shot risk of target codes within a horizon, from sampled futures"),
+    "risk": ("ehr_prs.risk.command", "zero-shot risk of target codes within a horizon, from sampled futures or the time-to-event head (--method hazard)"),
+    "fit-logit-bias": ("ehr_prs.fits.logit_bias_command", "fit the PRS logit-bias adapter in closed form on a frozen model (one pass over the training split, no gradient steps)"),
     "incidence-refit": ("ehr_prs.fits.incidence", "refit an outcome's onset rate on the frozen model's history summary (for risk --incidence-refit)"),
     "record-ceiling": ("ehr_prs.evaluation.record_ceiling", "simulated cohorts: a logistic regression told the true risk factors, to show how much of the true risk the record reveals"),
     "omop-to-meds": ("ehr_prs.data.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),

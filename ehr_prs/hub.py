@@ -37,6 +37,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.privacy import MIN_SUBJECTS, suppress_cells
 
 PAPER = "Integrating Genomics into Multimodal EHR Foundation Models (arXiv 2510.23639)"
 CODE_LICENSE = "apache-2.0"
@@ -240,28 +241,14 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else f"{x:,}"
 
 
-def _complementary_suppression(levels: dict, column: str) -> dict[str, str]:
-    """Counts of one column to print: when exactly one level is suppressed, also hide the next smallest.
-
-    A single suppressed count is otherwise recoverable as the total minus the published ones
-    (e.g. sex F 24 positive of 28 gives M = 4); hiding a second one is the standard remedy.
-    """
-    shown = {lvl: str(cell[column]) for lvl, cell in levels.items()}
-    hidden = [lvl for lvl, cell in levels.items() if isinstance(cell[column], str)]
-    public = sorted((cell[column], lvl) for lvl, cell in levels.items()
-                    if isinstance(cell[column], int) and cell[column] > 0)
-    if len(hidden) == 1 and public:
-        shown[public[0][1]] = "hidden"
-    return shown
-
-
 def _ci(v: float, ci: list[float]) -> str:
     return f"{_f(v)} [{_f(ci[0])}, {_f(ci[1])}]"
 
 
 def evaluation_section(metrics: dict, task: str) -> str:
     """Markdown tables from `ehr-prs evaluate`'s metrics.json; suppressed cells stay suppressed."""
-    cut = f"<{metrics.get('min_cell', 20)}"
+    min_cell = metrics.get("min_cell", MIN_SUBJECTS)
+    cut = f"<{min_cell}"
     ref = metrics.get("reference")
     n_pos = metrics.get("n_positive")
     # The prevalence would give back a suppressed positive count (n x prevalence): shown only when n_positive is.
@@ -290,11 +277,15 @@ def evaluation_section(metrics: dict, task: str) -> str:
         lines += ["", f"### By {var.replace('_', ' ')} (AUROC / AUPRC)", "",
                   "| " + " | ".join([var, "n", "positive", *models]) + " |", "|" + " --- |" * (3 + len(models))]
         levels = subgroups[var]
-        n_shown, pos_shown = (_complementary_suppression(levels, c) for c in ("n", "n_positive"))
+        # Re-applied to what metrics.json holds (a no-op on our own files): a single suppressed count is
+        # recoverable as the total minus the published ones (sex F 24 positive of 28 gives M = 4).
+        counts = {level: {c: cell[c] for c in ("n", "n_positive")} for level, cell in levels.items()}
+        suppress_cells(counts, ("n", "n_positive"), min_cell)
         for level, cell in levels.items():
             vals = [cut] * len(models) if cell.get("suppressed") else [
                 f"{_f(cell['models'][m]['auroc'])} / {_f(cell['models'][m]['auprc'])}" for m in models]
-            lines.append("| " + " | ".join([level, n_shown[level], pos_shown[level], *vals]) + " |")
+            lines.append("| " + " | ".join([level, str(counts[level]["n"]), str(counts[level]["n_positive"]), *vals])
+                         + " |")
     if "ancestry" not in subgroups:
         lines += ["", "No results by genetic ancestry were reported (evaluate with `--prs` on a PRS table that has "
                   "an `ancestry` column); performance across ancestries is unknown."]
@@ -463,9 +454,10 @@ def render_card(repo_id: str, config: dict, n_params: int, files: list[tuple[str
              "JSON files were checked for subject-id keys and local paths were reduced to their last component.",
              f"- **Small-cell suppression.** The vocabulary holds only codes seen in at least {min_subjects or '?'} "
              "training subjects (the tokenizer's `min_subjects`"
-             + ("; **below the All of Us minimum of 20**, acceptable for simulated data only" if (min_subjects or 0) < 20
-                else ", the All of Us minimum is 20") + "); reported counts and subgroup cells under 20 subjects "
-             "are suppressed (shown as `<20`).",
+             + (f"; **below the All of Us minimum of {MIN_SUBJECTS}**, acceptable for simulated data only"
+                if (min_subjects or 0) < MIN_SUBJECTS else f", the All of Us minimum is {MIN_SUBJECTS}")
+             + f"); reported counts and subgroup cells under {MIN_SUBJECTS} subjects are suppressed (shown as "
+             f"`<{MIN_SUBJECTS}`).",
              "- The tokenizer's numeric-value bin edges and the standardiser's means and stds are aggregate "
              "statistics of the training split.", "",
              "## PRS and fairness limitations", "",
@@ -631,9 +623,9 @@ def build_upload_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         files = sorted((str(p.relative_to(tmp)), p.stat().st_size) for p in tmp.rglob("*") if p.is_file())
         files.append(("README.md", None))  # this card: its own size is not known before it is written
         min_subjects = _read_json(model / "ehr_vocab.json").get("min_subjects")
-        if not isinstance(min_subjects, int) or min_subjects < 20:
-            notes.append(f"ehr_vocab.json: min_subjects is {min_subjects}; health-data rules (All of Us) need >= 20 "
-                         "before weights trained on real data are shared (fine for simulated data)")
+        if not isinstance(min_subjects, int) or min_subjects < MIN_SUBJECTS:
+            notes.append(f"ehr_vocab.json: min_subjects is {min_subjects}; health-data rules (All of Us) need "
+                         f">= {MIN_SUBJECTS} before weights trained on real data are shared (fine for simulated data)")
         card = render_card(repo_id, _read_json(tmp / "config.json"), n_params, files,
                            training_summary=summaries.get("training_summary.json"), adapter=adapter_info,
                            finetune_summary=summaries.get("finetune_summary.json"),

@@ -26,15 +26,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import torch
 from tqdm.auto import tqdm
 
-from ehr_prs.collator import EhrPrsCollator
 from ehr_prs.errors import InputError, check_output
 from ehr_prs.data.readers import STRICT_LABELS_HELP
+
+# torch (and the collator, the model) are imported inside the functions that use them: `ehr-prs
+# predict --help`, and finetune.py's flags, need none of them.
+if TYPE_CHECKING:
+    import torch
 
 SUMMARY_FILE = "finetune_summary.json"
 STANDARDIZER_FILE = "prs_standardizer.json"
@@ -53,6 +57,8 @@ def base_fingerprint(model) -> dict:
     weights (another run, a random twin) differ in the hash, so an adapter is never silently
     applied to a base it was not trained on.
     """
+    import torch
+
     backbone = model.model
     digest = hashlib.sha256()
     for tensor in (backbone.embed_tokens.weight, backbone.layers[-1].mlp.down_proj.weight):
@@ -169,8 +175,7 @@ def load_for_prediction(model_dir: str | Path, adapter_dir: str | Path | None = 
 def classifier_max_length(config, cap: int | None = None, tokenizer=None) -> int:
     """Event tokens a classifier input may hold: the context minus the PRS prefix, capped by `cap`, or
     else by the tokenizer's model_max_length (the history length pretraining saw: `tokenize --max-length`)."""
-    prefix = config.prs_tokens if config.prs_fusion == "prefix" else 0
-    length = config.max_position_embeddings - prefix
+    length = config.max_position_embeddings - config.num_prefix_tokens
     cap = cap or (getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None)
     return min(length, int(cap)) if cap else length
 
@@ -200,6 +205,9 @@ class ClassifierCollator:
     with_labels: bool = True
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        import torch
+        from ehr_prs.collator import EhrPrsCollator
+
         inner = EhrPrsCollator(self.pad_token_id, self.max_length,
                                label_column="boolean_value" if self.with_labels else None, with_labels=False)
         batch = inner(rows)
@@ -214,18 +222,19 @@ class ClassifierCollator:
 
 def model_n_prs(model) -> int:
     config = model.config
-    return int(config.n_prs) if config.prs_fusion != "none" else 0
+    return int(config.n_prs) if config.reads_prs else 0
 
 
 def score_head(model) -> torch.nn.Linear:
     """The `score` Linear that forward uses (for LoRA, PEFT's trained copy inside modules_to_save)."""
+    import torch
+
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (name == "score" or name.endswith("score.modules_to_save.default")):
             return module
     raise InputError("the model has no `score` head: not an EhrPrsForSequenceClassification")
 
 
-@torch.no_grad()
 def predict_proba(model, dataset, pad_token_id: int, batch_size: int = 32, max_length: int | None = None,
                   progress: bool = True, desc: str = "predict", return_features: bool = False):
     """P(label) for every dataset row, in row order: sigmoid of the classifier's one logit. Shape (rows,).
@@ -233,6 +242,8 @@ def predict_proba(model, dataset, pad_token_id: int, batch_size: int = 32, max_l
     return_features: also return what the `score` head reads (the pooled last-token state, (rows, d)),
     captured by a hook so it is exactly the classifier's own pooling.
     """
+    import torch
+
     model.eval()
     collate = ClassifierCollator(pad_token_id, model_n_prs(model), max_length, with_labels=False)
     device = next(model.parameters()).device
@@ -248,7 +259,8 @@ def predict_proba(model, dataset, pad_token_id: int, batch_size: int = 32, max_l
                           leave=False):
             idx = order[start : start + batch_size]
             batch = {k: v.to(device) for k, v in collate([dataset[int(i)] for i in idx]).items()}
-            logits = model(**batch).logits[:, 0].float()  # (b,)
+            with torch.no_grad():
+                logits = model(**batch).logits[:, 0].float()  # (b,)
             out[idx] = torch.sigmoid(logits).cpu().numpy()
             if hook is not None:
                 pooled = captured.pop()  # (b, d)

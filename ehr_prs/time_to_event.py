@@ -1,4 +1,4 @@
-"""Time-to-event (TTE) pretraining and risk: code families, label-free targets, hazard risk curves.
+"""Time-to-event (TTE) pretraining: code families and the label-free targets of the TTE head.
 
 The model's TTE head (EhrPrsTimeToEventHead in modeling_ehr_prs.py) gives, at a position of a
 record, piecewise-constant hazards of the first later occurrence of each code family. This stage
@@ -11,8 +11,10 @@ owns what lies around it:
   (no labels): the positions where the loss is read (ends of days: a time token follows), each
   family's first occurrence in the record, and the days elapsed at every token. The model
   derives at-risk pairs, event times and censoring from these (EhrPrsForCausalLM.time_to_event_loss).
-- `hazard_risk`: risk curves of a set of families from one forward pass per prompt,
-  1 - exp(-cumulative hazard) at every horizon.
+- `target_families`: the head's families that a risk query's `--codes` name.
+
+Risk curves from the head (1 - exp(-cumulative hazard) at every horizon) are the risk engine's
+hazard route: ehr_prs.risk.hazard.
 """
 
 from __future__ import annotations
@@ -20,12 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from ehr_prs.errors import InputError
-
-MIN_SUBJECTS = 20  # All of Us: no code seen in fewer than 20 subjects enters a vocabulary or a report
-DAYS_PER_YEAR = 365.25
+from ehr_prs.privacy import MIN_SUBJECTS
 
 
 def code_family(code: str) -> str:
@@ -109,53 +108,3 @@ def target_families(tokenizer, families: Sequence[str], codes: Sequence[str]) ->
             f"seen in at least {MIN_SUBJECTS} training subjects): use a sampling method (--method survival), or "
             "pretrain with a larger --tte-families cap")
     return [index[f] for f in wanted]
-
-
-def cumulative_hazard(log_hazard: torch.Tensor, bin_starts_years: torch.Tensor, start_days: float | torch.Tensor,
-                      horizons_days: Sequence[float]) -> torch.Tensor:
-    """Cumulative hazard over (start, start + horizon] for each horizon: (n, bins, F) -> (n, H, F).
-
-    bin_starts_years (bins,); start_days a float or (n,) tensor (days already elapsed since the
-    position, e.g. from the last event to the prediction time).
-    """
-    n = log_hazard.shape[0]
-    starts = bin_starts_years.to(log_hazard.device, torch.float64)
-    ends = torch.cat([starts[1:], starts.new_full((1,), float("inf"))])
-    t0 = torch.as_tensor(start_days, dtype=torch.float64, device=log_hazard.device).expand(n) / DAYS_PER_YEAR  # (n,)
-    t1 = t0[:, None] + torch.as_tensor(list(horizons_days), dtype=torch.float64, device=log_hazard.device) / DAYS_PER_YEAR
-    lo = torch.maximum(t0[:, None, None], starts)  # (n, 1, bins)
-    hi = torch.minimum(t1[:, :, None], ends)  # (n, H, bins)
-    overlap = (hi - lo).clamp(min=0.0)  # (n, H, bins) years of each horizon inside each bin
-    return overlap @ log_hazard.double().exp()  # (n, H, F)
-
-
-@torch.no_grad()
-def hazard_risk(model, input_ids: Sequence[Sequence[int]], family_idx: Sequence[int], horizons_days: Sequence[float],
-                prs: torch.Tensor | None = None, prs_mask: torch.Tensor | None = None, pad_token_id: int = 0,
-                batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """Risk of a first occurrence of any of `family_idx` within each horizon: (rows, H), in [0, 1].
-
-    One forward pass per prompt (batched through the training collator, sorted by length so that a
-    batch pads little); risk = 1 - exp(-sum over the families of their cumulative hazards), i.e. the
-    families' first occurrences treated as independent given the history. Deterministic.
-    """
-    from tqdm.auto import tqdm
-
-    from ehr_prs.collator import EhrPrsCollator
-
-    collate = EhrPrsCollator(pad_token_id=pad_token_id, with_labels=False, pad_to_multiple_of=None)
-    device = next(model.parameters()).device
-    order = np.argsort([len(x) for x in input_ids], kind="stable")
-    out = np.zeros((len(input_ids), len(horizons_days)), dtype=np.float64)
-    fam = torch.as_tensor(list(family_idx), dtype=torch.long)
-    for lo in tqdm(range(0, len(order), batch_size), desc="hazard risk", unit="batch", disable=not progress):
-        idx = order[lo: lo + batch_size]
-        batch = collate([{"input_ids": input_ids[i]} for i in idx])
-        p = prs[idx].to(device) if prs is not None else None
-        pm = prs_mask[idx].to(device) if prs_mask is not None else None
-        log_h = model.tte_log_hazards(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                      prs=p, prs_mask=pm)  # (b, bins, F)
-        cum = cumulative_hazard(log_h[:, :, fam.to(log_h.device)], model.tte_head.bin_starts, 0.0,
-                                horizons_days)  # (b, H, |fam|)
-        out[idx] = (-torch.expm1(-cum.sum(-1))).cpu().numpy()
-    return out

@@ -1,19 +1,22 @@
 """EhrPrsConfig: the decoder's dimensions plus how (and whether) it reads polygenic risk scores.
 
-This file imports only torch/transformers so it can travel with a checkpoint as hub remote code
-(`trust_remote_code=True`). Presets (`EhrPrsConfig.from_preset("tiny" | "small" | "paper")`) fix
+This file imports only transformers (and huggingface_hub, which transformers itself requires and
+whose strict dataclass checks its own configs) so it can travel with a checkpoint as hub remote
+code (`trust_remote_code=True`). Presets (`EhrPrsConfig.from_preset("tiny" | "small" | "paper")`) fix
 the architecture; the vocabulary size and the number of scores come from the data:
 
     config = EhrPrsConfig.from_preset("small", vocab_size=len(tokenizer), n_prs=3481, prs_fusion="prefix")
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the strict dataclass checks each field against its
+# annotation, which must be a real type (a string annotation would silently skip the check).
+from typing import Any, Literal, get_args
 
-from typing import Any
-
+from huggingface_hub.dataclasses import strict, validated_field  # as transformers' own model configs
 from transformers import PretrainedConfig
 
-PRS_FUSIONS = ("none", "prefix", "cross_attention", "logit_bias")
+PrsFusion = Literal["none", "prefix", "cross_attention", "logit_bias"]
+PRS_FUSIONS: tuple[str, ...] = get_args(PrsFusion)
 
 # Default time bins of the time-to-event head, in days after a position (the last is open-ended):
 # a month, a quarter, half a year, 1, 2, 3, 5 and 10 years.
@@ -42,6 +45,57 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Field constraints, declared the transformers 5 way: huggingface_hub's strict dataclass checks a
+# field's type (its annotation) and then these validators on every assignment, so a wrong value
+# fails where it is set, named in the error ("Validation error for field 'hidden_size': ...").
+# Rules between fields are the `validate_*` methods, run after __init__, by the model and on save.
+
+
+def _integer(minimum: int, default: int | None) -> Any:
+    """A field holding an integer >= minimum (or None where the annotation allows it)."""
+    def check(value: int | None) -> None:
+        if value is not None and value < minimum:
+            raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+    return validated_field(check, default=default)
+
+
+def _positive(default: float) -> Any:
+    """A field holding a number > 0."""
+    def check(value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"must be a positive number, got {value!r}")
+    return validated_field(check, default=default)
+
+
+def _probability(value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"must be a probability in [0, 1], got {value!r}")
+
+
+def _non_negative(value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"must be a number >= 0, got {value!r}")
+
+
+def _code_families(value: list[str] | None) -> None:
+    if value is None:
+        return
+    if not all(value):
+        raise ValueError(f"must be a list of code family strings, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"has duplicates: each code family may appear once, got {value!r}")
+
+
+def _time_bins(value: list[float] | None) -> None:
+    if value is None:
+        return
+    if not value:
+        raise ValueError(f"must be a list of bin edges in days, got {value!r}")
+    if value[0] != 0 or any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError(f"edges must start at 0 and be strictly increasing (days), got {list(value)}")
+
+
+@strict
 class EhrPrsConfig(PretrainedConfig):
     r"""Configuration of `EhrPrsForCausalLM` / `EhrPrsForSequenceClassification`.
 
@@ -104,7 +158,8 @@ class EhrPrsConfig(PretrainedConfig):
         tte_families (list[str]): the code families (a MEDS code up to its first '.', e.g.
             `ICD10CM/E11`) whose first later occurrence the head predicts from every position.
             Empty = no head (the LM alone). `ehr-prs pretrain` chooses them from the training split:
-            families first seen in at least 20 training subjects, the most common first.
+            families first seen in at least 20 training subjects (the All of Us rule,
+            ehr_prs.privacy.MIN_SUBJECTS, which this file cannot import), the most common first.
         tte_time_bins (list[float]): left edges of the piecewise-constant hazard's bins, in days after
             the position: strictly increasing, starting at 0; the last bin is open-ended.
         tte_rank (int): rank of the head: hidden -> (bins x rank), times a (families x rank) table, so
@@ -120,48 +175,51 @@ class EhrPrsConfig(PretrainedConfig):
             hidden states of the record up to it (a summary of the whole history, which the last
             state alone carries only as far as next-token prediction needed it).
 
-    Every value is checked when the config is built, when a model is built from it and when it is
-    saved: a wrong value raises ValueError naming the field and what is allowed.
+    Constraints are declared the transformers 5 way (huggingface_hub's `@strict` dataclass): a
+    field's type and range are checked whenever it is set, the rules between fields (the
+    `validate_*` methods) when the config is built, when a model is built from it and when it is
+    saved. A wrong value raises huggingface_hub's StrictDataclassFieldValidationError (or
+    StrictDataclassClassValidationError) naming the field and what is allowed.
     """
 
     model_type = "ehr_prs"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
-    vocab_size: int = 1024
-    hidden_size: int = 256
-    intermediate_size: int = 512
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int | None = None
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
+    vocab_size: int = _integer(1, default=1024)
+    hidden_size: int = _integer(1, default=256)
+    intermediate_size: int = _integer(1, default=512)
+    num_hidden_layers: int = _integer(1, default=4)
+    num_attention_heads: int = _integer(1, default=4)
+    num_key_value_heads: int | None = _integer(1, default=None)
+    max_position_embeddings: int = _integer(1, default=2048)
+    rms_norm_eps: int | float = _positive(default=1e-5)
     rope_parameters: dict | None = None
-    initializer_range: float = 0.02
+    initializer_range: int | float = _positive(default=0.02)
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = 0
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
-    n_prs: int = 0
-    prs_fusion: str = "none"
-    prs_tokens: int = 10
-    prs_adapter_hidden_size: int = 256
+    n_prs: int = _integer(0, default=0)
+    prs_fusion: PrsFusion = "none"
+    prs_tokens: int = _integer(1, default=10)
+    prs_adapter_hidden_size: int = _integer(1, default=256)
     prs_cross_attention_layers: list[int] | None = None
-    prs_dropout: float = 0.1
+    prs_dropout: int | float = validated_field(_probability, default=0.1)
     prs_centered: bool = False
-    prs_logit_bias_rank: int = 16
-    tte_families: list[str] | None = None
-    tte_time_bins: list[float] | None = None
-    tte_rank: int = 32
-    tte_loss_weight: float = 1.0
-    tte_max_positions: int = 32
-    tte_prs_rank: int = 8
+    prs_logit_bias_rank: int = _integer(1, default=16)
+    tte_families: list[str] | None = validated_field(_code_families, default=None)
+    tte_time_bins: list[int | float] | None = validated_field(_time_bins, default=None)
+    tte_rank: int = _integer(1, default=32)
+    tte_loss_weight: int | float = validated_field(_non_negative, default=1.0)
+    tte_max_positions: int = _integer(1, default=32)
+    tte_prs_rank: int = _integer(0, default=8)
     tte_history_summary: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.prs_cross_attention_layers is None and isinstance(self.num_hidden_layers, int):
+        if self.prs_cross_attention_layers is None:
             self.prs_cross_attention_layers = list(range(0, self.num_hidden_layers, 2))
         if self.tte_families is None:
             self.tte_families = []
@@ -170,12 +228,34 @@ class EhrPrsConfig(PretrainedConfig):
         if self.rope_parameters is None and "rope_theta" not in kwargs:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         super().__post_init__(**kwargs)  # converts a legacy `rope_theta=` into rope_parameters
-        self.validate()
+        # @strict runs every validate_* method once __init__ returns.
+
+    # --- what the architecture implies: asked here, never re-derived from the strings elsewhere ---
 
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """PRS positions in front of the event tokens: `prs_tokens` in prefix mode (with or without scores), else 0."""
+        return self.prs_tokens if self.prs_fusion == "prefix" else 0
+
+    @property
+    def has_prs_adapter(self) -> bool:
+        """Whether the model has the adapter MLP that makes `prs_tokens` embeddings (prefix, cross_attention)."""
+        return self.prs_fusion in ("prefix", "cross_attention")
+
+    @property
+    def has_cross_attention(self) -> bool:
+        """Whether the layers in `prs_cross_attention_layers` have a gated cross-attention block."""
+        return self.prs_fusion == "cross_attention"
+
+    @property
+    def has_logit_bias(self) -> bool:
+        """Whether the LM has the low-rank PRS -> next-token logit shift (logit_bias)."""
+        return self.prs_fusion == "logit_bias"
 
     @property
     def reads_prs(self) -> bool:
@@ -199,37 +279,17 @@ class EhrPrsConfig(PretrainedConfig):
             raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def validate(self) -> None:
-        """Check every field (transformers 5 configs accept wrong types silently, so we do it here)."""
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "prs_tokens", "prs_adapter_hidden_size",
-                    "prs_logit_bias_rank")
-        for name in positive:
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("n_prs", self.n_prs, minimum=0)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value, minimum=0)
-                if value >= self.vocab_size:
-                    raise ValueError(f"{name}={value} is outside the vocabulary: must be in [0, {self.vocab_size - 1}]")
-        for name in ("rms_norm_eps", "initializer_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if isinstance(self.prs_dropout, bool) or not isinstance(self.prs_dropout, (int, float)) \
-                or not 0.0 <= self.prs_dropout <= 1.0:
-            raise ValueError(f"prs_dropout must be a probability in [0, 1], got {self.prs_dropout!r}")
-        if self.prs_fusion not in PRS_FUSIONS:
-            raise ValueError(f"prs_fusion must be one of {list(PRS_FUSIONS)}, got {self.prs_fusion!r}")
-        if not isinstance(self.prs_centered, bool):
-            raise ValueError(f"prs_centered must be true or false, got {self.prs_centered!r}")
-        if self.prs_centered and self.prs_fusion == "prefix":
-            raise ValueError("prs_centered=True needs prs_fusion='cross_attention' (a prefix always changes what "
-                             "the decoder attends to, so it cannot be centred)")
-        if self.prs_centered and self.prs_fusion == "logit_bias":
-            raise ValueError("prs_centered=True needs prs_fusion='cross_attention': the logit_bias adapter is "
-                             "centred by construction (all-zero scores add nothing); leave prs_centered false")
+    # --- rules between fields (@strict runs every validate_* method; the inherited ones too) ---
+
+    def _require(self, *names: str) -> None:
+        """None means "derive it" only when the config is built; one set afterwards is an error."""
+        for name in names:
+            if getattr(self, name) is None:
+                raise ValueError(f"{name} is None: give it a value (None means the default only when building)")
+
+    def validate_architecture(self) -> None:
+        """Attention heads that fit the residual width, rotary-sized heads, grouped key/value heads."""
+        self._require("num_key_value_heads")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                              f"({self.num_attention_heads})")
@@ -238,16 +298,16 @@ class EhrPrsConfig(PretrainedConfig):
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                              f"({self.num_attention_heads})")
-        layers = self.prs_cross_attention_layers
-        if not isinstance(layers, (list, tuple)) or not all(type(i) is int for i in layers):
-            raise ValueError(f"prs_cross_attention_layers must be a list of layer indices, got {layers!r}")
-        bad = [i for i in layers if not 0 <= i < self.num_hidden_layers]
-        if bad or len(set(layers)) != len(layers):
-            raise ValueError(f"prs_cross_attention_layers={list(layers)}: indices must be distinct and in "
-                             f"[0, {self.num_hidden_layers - 1}] (num_hidden_layers={self.num_hidden_layers})")
-        if self.prs_fusion == "cross_attention" and not layers:
-            raise ValueError("prs_fusion='cross_attention' needs at least one index in prs_cross_attention_layers")
-        self._validate_tte()
+
+    def validate_token_ids(self) -> None:
+        """Special tokens inside the vocabulary (transformers only warns, for old hub configs that store e.g. -1)."""
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name}={value} is outside the vocabulary: must be in [0, {self.vocab_size - 1}]")
+
+    def validate_rope(self) -> None:
+        """Only default RoPE is implemented (this replaces transformers' check of the other RoPE kinds)."""
         rope = self.rope_parameters or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"rope_parameters['rope_type'] must be 'default', got {rope.get('rope_type')!r}")
@@ -255,33 +315,26 @@ class EhrPrsConfig(PretrainedConfig):
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
             raise ValueError(f"rope_parameters['rope_theta'] must be a positive number, got {theta!r}")
 
+    def validate_prs_fusion(self) -> None:
+        """The genomic adapter's fields agree with its kind and with the decoder's layers."""
+        if self.prs_centered and self.prs_fusion == "prefix":
+            raise ValueError("prs_centered=True needs prs_fusion='cross_attention' (a prefix always changes what "
+                             "the decoder attends to, so it cannot be centred)")
+        if self.prs_centered and self.has_logit_bias:
+            raise ValueError("prs_centered=True needs prs_fusion='cross_attention': the logit_bias adapter is "
+                             "centred by construction (all-zero scores add nothing); leave prs_centered false")
+        self._require("prs_cross_attention_layers")
+        layers = self.prs_cross_attention_layers
+        bad = [i for i in layers if not 0 <= i < self.num_hidden_layers]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(f"prs_cross_attention_layers={list(layers)}: indices must be distinct and in "
+                             f"[0, {self.num_hidden_layers - 1}] (num_hidden_layers={self.num_hidden_layers})")
+        if self.has_cross_attention and not layers:
+            raise ValueError("prs_fusion='cross_attention' needs at least one index in prs_cross_attention_layers")
 
-    def _validate_tte(self) -> None:
-        """The time-to-event head's fields (see the class docstring)."""
-        families = self.tte_families
-        if not isinstance(families, (list, tuple)) or not all(isinstance(f, str) and f for f in families):
-            raise ValueError(f"tte_families must be a list of code family strings, got {families!r}")
-        if len(set(families)) != len(families):
-            raise ValueError("tte_families has duplicates: each code family may appear once")
-        bins = self.tte_time_bins
-        if (not isinstance(bins, (list, tuple)) or not bins
-                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in bins)):
-            raise ValueError(f"tte_time_bins must be a list of bin edges in days, got {bins!r}")
-        if bins[0] != 0 or any(b <= a for a, b in zip(bins, bins[1:])):
-            raise ValueError(f"tte_time_bins={list(bins)}: edges must start at 0 and be strictly increasing (days)")
-        for name in ("tte_rank", "tte_max_positions"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("tte_prs_rank", self.tte_prs_rank, minimum=0)
-        if not isinstance(self.tte_history_summary, bool):
-            raise ValueError(f"tte_history_summary must be true or false, got {self.tte_history_summary!r}")
-        w = self.tte_loss_weight
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-            raise ValueError(f"tte_loss_weight must be a number >= 0, got {w!r}")
+    def validate_tte(self) -> None:
+        """The time-to-event head's lists (their values are checked as fields)."""
+        self._require("tte_families", "tte_time_bins")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-__all__ = ["EhrPrsConfig", "PRESETS", "PRS_FUSIONS", "DEFAULT_TTE_TIME_BINS"]
+__all__ = ["EhrPrsConfig", "PRESETS", "PRS_FUSIONS", "PrsFusion", "DEFAULT_TTE_TIME_BINS"]

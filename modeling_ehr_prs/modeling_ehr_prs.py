@@ -51,6 +51,7 @@ lists never touch them; `target_modules="all-linear"` does wrap them too. The cl
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -146,8 +147,42 @@ def sdpa(query, key, value, attn_mask, is_causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal)
 
 
+class AttendingCacheLayer(DynamicLayer):
+    """A KV-cache layer that computes the decoder's self-attention over the keys and values it holds.
+
+    The interface through which a cache may store keys/values in its own layout: EhrPrsAttention,
+    finding an instance of this class at its layer index, stores the new keys/values with
+    `update` (its return value is ignored) and returns `attend(query)` instead of running SDPA.
+    ehr_prs.risk.shared_prompt implements it: the K sampled paths of a prompt share one copy of
+    the prompt's keys/values. Subclasses define:
+      update(key_states (n, g, q, hd), value_states (n, g, q, hd)): store the new tokens;
+      attend(query (n, h, q, hd)) -> (n, h, q, hd): causal softmax(query . keys / sqrt(hd)) . values
+        over all stored tokens, the new ones included. No attention mask is passed: the layer
+        knows which of its keys are padding.
+    """
+
+    @abstractmethod
+    def attend(self, query: torch.Tensor) -> torch.Tensor:
+        """Attention output (n, h, q, hd) of rotated queries (n, h, q, hd) over this layer's keys and values."""
+
+    @classmethod
+    def __subclasshook__(cls, other: type):
+        # A hub remote-code copy of this file is another module with its own AttendingCacheLayer:
+        # a layer built on the installed copy implements the same interface, so either copy counts.
+        if cls is AttendingCacheLayer:
+            name = __name__.rsplit(".", 1)[-1]
+            if any(base.__qualname__ == cls.__qualname__ and base.__module__.rsplit(".", 1)[-1] == name
+                   for base in other.__mro__):
+                return True
+        return NotImplemented
+
+
 class EhrPrsAttention(nn.Module):
-    """Causal self-attention with rotary positions, grouped-query heads and a KV cache."""
+    """Causal self-attention with rotary positions, grouped-query heads and a KV cache.
+
+    A cache layer that is an AttendingCacheLayer computes the attention itself (`attend`) over
+    keys/values it stores in its own layout; any other cache layer returns keys/values for SDPA.
+    """
 
     def __init__(self, config: EhrPrsConfig, layer_idx: int) -> None:
         super().__init__()
@@ -168,11 +203,9 @@ class EhrPrsAttention(nn.Module):
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)  # (b, g, t, hd)
-            # A cache layer may attend itself: risk.py's sampler keeps one copy of each prompt for
-            # its K paths and merges prompt and path attention exactly (log-sum-exp).
-            attend = getattr(cache.layers[self.layer_idx], "attend", None)
-            if attend is not None:
-                return self.o_proj(attend(query).transpose(1, 2).reshape(b, q_len, -1))  # (b, q, d)
+            layer = cache.layers[self.layer_idx]
+            if isinstance(layer, AttendingCacheLayer):  # e.g. the risk sampler's shared-prompt layer
+                return self.o_proj(layer.attend(query).transpose(1, 2).reshape(b, q_len, -1))  # (b, q, d)
         out = sdpa(query, key, value, attention_mask, is_causal)  # (b, h, q, hd)
         return self.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))  # (b, q, d)
 
@@ -468,7 +501,7 @@ class EhrPrsDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: EhrPrsConfig, layer_idx: int) -> None:
         super().__init__()
         self.prs_cross_attn = None
-        if config.prs_fusion == "cross_attention" and layer_idx in config.prs_cross_attention_layers:
+        if config.has_cross_attention and layer_idx in config.prs_cross_attention_layers:
             slot = sorted(config.prs_cross_attention_layers).index(layer_idx)
             self.prs_cross_attn = EhrPrsGatedCrossAttention(config, cache_idx=config.num_hidden_layers + slot)
         self.input_layernorm = EhrPrsRMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -497,7 +530,7 @@ class EhrPrsPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def __init__(self, config: EhrPrsConfig, *args, **kwargs) -> None:
-        config.validate()  # from_pretrained(..., prs_fusion=...) sets fields after the config's own check
+        config.validate()  # from_pretrained(..., key=value) sets fields after __init__: re-check the rules between them
         super().__init__(config, *args, **kwargs)
 
     @torch.no_grad()
@@ -536,7 +569,7 @@ class EhrPrsModel(EhrPrsPreTrainedModel):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.prs_adapter = EhrPrsGenomicAdapter(config) if config.prs_fusion in ("prefix", "cross_attention") else None
+        self.prs_adapter = EhrPrsGenomicAdapter(config) if config.has_prs_adapter else None
         self.layers = nn.ModuleList(EhrPrsDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = EhrPrsRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = EhrPrsRotaryEmbedding(config)
@@ -551,7 +584,7 @@ class EhrPrsModel(EhrPrsPreTrainedModel):
 
     def prefix_length(self) -> int:
         """Number of PRS prefix positions in front of the events (0 unless prefix mode)."""
-        return self.config.prs_tokens if self.config.prs_fusion == "prefix" else 0
+        return self.config.num_prefix_tokens
 
     def forward(
         self,
@@ -594,7 +627,7 @@ class EhrPrsModel(EhrPrsPreTrainedModel):
 
         # The PRS are read when a cache starts (or on every call without one).
         memory = None
-        needs_memory = self.prs_adapter is not None and (starting or self.config.prs_fusion == "cross_attention")
+        needs_memory = self.prs_adapter is not None and (starting or self.config.has_cross_attention)
         if needs_memory and (starting or not _has_memory(cache, self.config.num_hidden_layers)):
             memory = self.prs_adapter(prs, prs_mask, b).to(inputs_embeds.dtype)  # (b, k, d)
         hidden_states = torch.cat([memory, inputs_embeds], dim=1) if new_prefix else inputs_embeds  # (b, k? + s, d)
@@ -707,7 +740,7 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = EhrPrsModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.prs_logit_bias = EhrPrsLogitBias(config) if config.prs_fusion == "logit_bias" else None
+        self.prs_logit_bias = EhrPrsLogitBias(config) if config.has_logit_bias else None
         self.tte_head = EhrPrsTimeToEventHead(config) if config.has_tte_head else None
         self.post_init()
 
@@ -907,7 +940,7 @@ class EhrPrsForSequenceClassification(EhrPrsPreTrainedModel):
     accepts_loss_kwargs = False  # a per-batch mean: let Trainer scale it for gradient accumulation
 
     def __init__(self, config: EhrPrsConfig) -> None:
-        if config.prs_fusion == "logit_bias":
+        if config.has_logit_bias:
             raise ValueError("prs_fusion='logit_bias' acts on next-token logits only, so a classifier on it would "
                              "never read the scores: fine-tune a prefix or cross_attention model (or the "
                              "EHR-only one), or use the linear probe / GBM with PRS features")
@@ -973,4 +1006,5 @@ __all__ = [
     "EhrPrsForCausalLM",
     "EhrPrsForSequenceClassification",
     "AUTO_MAP",
+    "AttendingCacheLayer",
 ]

@@ -10,7 +10,7 @@
 # baselines -> evaluate (OUT_DIR/report/report.md), then transfer
 # to stroke and COPD with LoRA, a linear probe and GBM+PRS, with few-shot curves
 # (OUT_DIR/report_{stroke,copd}/report.md, OUT_DIR/fewshot/{stroke,copd}/fewshot.png).
-# To run it on your own data, replace step 1 with your MEDS folder and PRS table (see README).
+# To run it on your own data, replace step 1 with your MEDS folder and PRS table (see README.md).
 # On 2 CPU cores the T2D report (steps 1-6) takes ~30 minutes and the transfer step ~17 more
 # (fewer without the LoRA few-shot line); DEMO_SUBJECTS, DEMO_PRS, DEMO_STEPS, DEMO_ADAPTER_STEPS,
 # DEMO_SAMPLES, DEMO_REFIT_SEQUENCES and DEMO_FEWSHOT_LORA scale it.
@@ -50,33 +50,26 @@ ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/none" -
   --max-steps "$STEPS" --batch-size 16 --max-seq-length 512 --learning-rate 2e-3 --warmup-steps 50 \
   --eval-steps "$STEPS" --save-steps "$STEPS" --save-total-limit 1 --logging-steps 100 --max-eval-samples 512
 
-# From here on the jobs run two at a time, one thread each: the risk sampler's and the adapters'
-# matrices are small, and on 2 cores two one-thread jobs do ~1.5x the work of one two-thread job
-# (risk sampling: 113 vs 73-83 paths/s). Each job's output goes to OUT/logs/NAME.log.
+# From step 4 on, independent jobs run two at a time, one thread each: the risk sampler's and the
+# adapters' matrices are small, and on 2 cores two one-thread jobs do ~1.5x the work of one two-thread
+# job (risk sampling: 113 vs 73-83 paths/s). The shell's own `&` starts a job and `wait` (in finish)
+# joins it; each job's output goes to OUT/logs/NAME.log.
 LOGS="$OUT/logs"
 mkdir -p "$LOGS" "$OUT/predictions"
-JOBS=()
-background() {  # background NAME COMMAND...: start a one-thread job
+start() {  # start NAME COMMAND...: COMMAND in the background on one thread, its output to OUT/logs/NAME.log
   local name=$1; shift
   echo "   started $name (log: $LOGS/$name.log)"
   ( export OMP_NUM_THREADS=1; "$@" ) > "$LOGS/$name.log" 2>&1 &
-  JOBS+=("$!:$name")
 }
-finished() {  # finished NAME STATUS: stop with the end of the job's log if it failed, else show its results
-  if [ "$2" != 0 ]; then
+finish() {  # finish NAME PID: wait for a started job; stop with the end of its log if it failed, else show what it wrote
+  local status=0
+  wait "$2" || status=$?
+  if [ "$status" != 0 ]; then
     echo "job $1 failed; the end of $LOGS/$1.log:" >&2
     tail -n 40 "$LOGS/$1.log" >&2
     exit 1
   fi
   grep -h -e '^wrote' -e '^logit_bias fitted' -e '^note:' "$LOGS/$1.log" | sed "s|^|   $1: |" || true
-}
-join_jobs() {  # wait for every started job
-  local job status
-  for job in "${JOBS[@]}"; do
-    status=0; wait "${job%%:*}" || status=$?
-    finished "${job#*:}" "$status"
-  done
-  JOBS=()
 }
 
 # The paper's second route: the EHR+PRS models continue the EHR-only checkpoint with a new
@@ -96,10 +89,10 @@ adapter() {  # adapter FUSION LEARNING_RATE [EXTRA FLAGS...]
 # The logit-bias adapter (a log-linear genetic effect on each code's rate) on the same frozen model:
 # no gradient steps, a Poisson regression of each code family's first occurrence on the scores,
 # solved from one forward pass over the training split (ehr_prs/fits/logit_bias.py). Gradient
-# steps learn only 1/30-1/100 of the T2D effect in 300 steps (README, Results).
+# steps learn only 1/30-1/100 of the T2D effect in 300 steps (docs/experiments/2026-11-30-demo.md).
 logit_bias_fit() {
-  ehr-prs pretrain --overwrite --data "$OUT/tok" --output-dir "$OUT/models/logit_bias" --init-from "$OUT/models/none" \
-    --freeze-backbone --prs-fusion logit_bias --batch-size 16 --max-seq-length 512 --max-eval-samples 512
+  ehr-prs fit-logit-bias --overwrite --model "$OUT/models/none" --data "$OUT/tok" --output-dir "$OUT/models/logit_bias" \
+    --batch-size 16 --max-seq-length 512 --max-eval-samples 512
 }
 # The incidence refit (ehr_prs/fits/incidence.py): the frozen backbone's rate of a first T2D
 # code, refitted in closed form on its running summary of the history (no task labels; the training
@@ -138,32 +131,35 @@ baselines() {
 }
 
 step "4/7 genomic adapters on the frozen EHR-only model: prefix and cross-attention, $ADAPTER_STEPS steps each"
-background adapter_prefix adapter prefix 2e-3
-background adapter_cross_attention adapter cross_attention 1e-3 --config-overrides prs_centered=true
-join_jobs
+start adapter_prefix adapter prefix 2e-3
+prefix_pid=$!
+start adapter_cross_attention adapter cross_attention 1e-3 --config-overrides prs_centered=true
+cross_pid=$!
+finish adapter_prefix "$prefix_pid"
+finish adapter_cross_attention "$cross_pid"
 
 step "5/7 closed-form fits on the frozen EHR-only model (the logit-bias adapter, the T2D incidence refit), zero-shot T2D risk within $HORIZON days of the four generative models (survival, K=$SAMPLES, with the refit), baselines"
 echo "   baselines: PRS-only logistic regression, count-feature GBM with and without PRS, oracle risk-factor LR"
-# Two chains of about equal length, so neither core waits (in the last run, as separate steps, the
-# core beside the 7-minute logit-bias fit idled for 164 s): (1) the incidence refit (~3 min), the
-# prefix and cross-attention models' risk jobs (~4-5 min each), the baselines (~1 min); (2) the
-# logit-bias fit, then the logit-bias and EHR-only models' risk jobs, which read chain 1's refit:
-# written minutes before they start, and awaited all the same.
-rm -f "$REFIT_FILE"  # a refit left by an earlier run into this folder must not be awaited
-await_file() {  # await_file FILE PID: until FILE exists; fail if process PID ended without writing it
-  until [ -e "$1" ]; do
-    if ! kill -0 "$2" 2>/dev/null; then
-      [ -e "$1" ] && return 0
-      echo "$1 was never written (its job failed; see $LOGS)" >&2; return 1
-    fi
-    sleep 2
-  done
-}
-refit_chain() { incidence_refit; risk_t2d prefix; risk_t2d cross_attention; baselines; }
-logit_bias_chain() { logit_bias_fit; await_file "$REFIT_FILE" "$1"; risk_t2d logit_bias; risk_t2d none; }
-background refit_risk_prefix_cross_attention_baselines refit_chain
-background logit_bias_fit_risk_logit_bias_none logit_bias_chain "${JOBS[0]%%:*}"
-join_jobs
+# Two chains of about equal length, so neither core waits (as two separate steps, the core beside
+# the 7-minute logit-bias fit idled for 164 s): (1) the incidence refit (~3 min), then the prefix and
+# cross-attention models' risk jobs (~4-5 min each) and the baselines (~1 min); (2) the logit-bias
+# fit, then the logit-bias and EHR-only models' risk jobs, which read chain 1's refit. Each chain
+# keeps one log.
+CHAIN1=refit_risk_prefix_cross_attention_baselines
+CHAIN2=logit_bias_fit_risk_logit_bias_none
+start "$CHAIN1" incidence_refit
+refit_pid=$!
+start "$CHAIN2" logit_bias_fit
+fit_pid=$!
+# Each chain's first job is awaited on its own (what it wrote is shown with its whole chain, below).
+finish "$CHAIN1" "$refit_pid" > /dev/null  # the refit: chain 1 goes on, and chain 2's risk jobs may read it
+( export OMP_NUM_THREADS=1; risk_t2d prefix; risk_t2d cross_attention; baselines ) >> "$LOGS/$CHAIN1.log" 2>&1 &
+chain1_pid=$!
+finish "$CHAIN2" "$fit_pid" > /dev/null    # the logit-bias fit (the refit is written by now)
+( export OMP_NUM_THREADS=1; risk_t2d logit_bias; risk_t2d none ) >> "$LOGS/$CHAIN2.log" 2>&1 &
+chain2_pid=$!
+finish "$CHAIN1" "$chain1_pid"
+finish "$CHAIN2" "$chain2_pid"
 
 step "6/7 evaluate against the EHR-only model, with the simulator's true risk and the oracle risk-factor LR as ceilings"
 # PRS alignment plot: the first score that carries T2D liability in the simulator.
@@ -189,7 +185,7 @@ transfer() {  # transfer TASK
   # Few-shot curves (EHRSHOT protocol): K positives + K negatives; probe and GBM over 3 seeds and
   # "all" (every train label, one fit); LoRA (minutes per fit on a CPU) once at K = 8, 32, 128.
   # Its K = 128 fit is exactly `ehr-prs finetune --method lora --shots 128` (same draw, same seed),
-  # which would also save the PEFT adapter for `ehr-prs predict` (see README).
+  # which would also save the PEFT adapter for `ehr-prs predict` (see README.md).
   ehr-prs fewshot --overwrite --model "$OUT/models/prefix" --meds "$M" --prs "$P" --labels "$L" --out "$OUT/fewshot/$task" \
     --methods $METHODS --shots 8 32 128 all --seeds 3 --seeds-all 1 --lora-shots 8 32 128 --lora-seeds 1
   ehr-prs record-ceiling --overwrite --cohort "$OUT/cohort" --task "$task" --out "$OUT/fewshot/$task/predictions/oracle_lr.parquet"
@@ -202,9 +198,12 @@ transfer() {  # transfer TASK
                   "Risk-factor LR (oracle)=$OUT/fewshot/$task/predictions/oracle_lr.parquet" \
     --truth "$OUT/cohort/truth/$task.parquet" --prs "$P" --meds "$M"
 }
-background transfer_stroke transfer stroke
-background transfer_copd transfer copd
-join_jobs
+start transfer_stroke transfer stroke
+stroke_pid=$!
+start transfer_copd transfer copd
+copd_pid=$!
+finish transfer_stroke "$stroke_pid"
+finish transfer_copd "$copd_pid"
 
 step "done in $(( $(date +%s) - START )) s"
 echo "T2D:    $OUT/report/report.md"

@@ -58,21 +58,27 @@ EOF
     --measurements LOINC/4548-4 LOINC/2345-7 LOINC/39156-5 --out "$OUT/view"
 }
 
-JOBS=()
-for job in cohort_whatif pages; do
-  echo "   started $job (log: $LOGS/$job.log)"
-  ( export OMP_NUM_THREADS=1; "$job" ) > "$LOGS/$job.log" 2>&1 &
-  JOBS+=("$!:$job")
-done
-for job in "${JOBS[@]}"; do
-  status=0; wait "${job%%:*}" || status=$?
+# The two jobs side by side, one thread each: the shell's `&` starts them and `wait` joins them.
+start() {  # start NAME: the function NAME in the background on one thread, its output to OUT/logs/NAME.log
+  echo "   started $1 (log: $LOGS/$1.log)"
+  ( export OMP_NUM_THREADS=1; "$1" ) > "$LOGS/$1.log" 2>&1 &
+}
+finish() {  # finish NAME PID: wait for a started job; stop with the end of its log if it failed, else show what it wrote
+  local status=0
+  wait "$2" || status=$?
   if [ "$status" != 0 ]; then
-    echo "job ${job#*:} failed; the end of $LOGS/${job#*:}.log:" >&2
-    tail -n 40 "$LOGS/${job#*:}.log" >&2
+    echo "job $1 failed; the end of $LOGS/$1.log:" >&2
+    tail -n 40 "$LOGS/$1.log" >&2
     exit 1
   fi
-  grep -h -e '^wrote' -e '^  ' "$LOGS/${job#*:}.log" | sed "s|^|   ${job#*:}: |" || true
-done
+  grep -h -e '^wrote' -e '^  ' "$LOGS/$1.log" | sed "s|^|   $1: |" || true
+}
+start cohort_whatif
+whatif_pid=$!
+start pages
+pages_pid=$!
+finish cohort_whatif "$whatif_pid"
+finish pages "$pages_pid"
 echo "patient pages: $OUT/view/index.html"
 echo "cohort what-if: $OUT/whatif_t2d/whatif.md"
 sed -n '1,20p' "$OUT/whatif_t2d/whatif.md"

@@ -155,15 +155,6 @@ def test_subgroup_cells_under_20_are_suppressed():
     assert E.small(0) == 0 and E.small(19) == "<20" and E.small(20) == 20
 
 
-def test_complementary_suppression_hides_the_next_smallest_count_only():
-    cells = {"a": {"n": "<20"}, "b": {"n": 30}, "c": {"n": 500}}
-    E.complementary_suppression(cells, "n")
-    assert [cells[k]["n"] for k in "abc"] == ["<20", "hidden", 500]
-    two = {"a": {"n": "<20"}, "b": {"n": "<20"}, "c": {"n": 500}}  # already two hidden: nothing to add
-    E.complementary_suppression(two, "n")
-    assert two["c"]["n"] == 500
-
-
 def _tiny_meds(root: Path, subjects: dict[int, tuple[str, str, datetime]]) -> Path:
     (root / "metadata").mkdir(parents=True)
     (root / "data" / "held_out").mkdir(parents=True)

@@ -147,7 +147,7 @@ def test_subgroup_whose_auroc_cannot_be_computed_is_named():
 
 
 def test_risk_defaults_to_the_survival_estimator():
-    from ehr_prs.risk import sampling as risk
+    from ehr_prs.risk import command as risk
 
     parser = argparse.ArgumentParser()
     risk.add_arguments(parser)

@@ -254,11 +254,20 @@ def test_model_card_metadata_and_body(art, folders):
 
 
 def test_a_single_suppressed_count_gets_a_complementary_one():
-    levels = {"F": {"n": 194, "n_positive": 24}, "M": {"n": 125, "n_positive": "<20"}}
-    assert hub._complementary_suppression(levels, "n_positive") == {"F": "hidden", "M": "<20"}
-    assert hub._complementary_suppression(levels, "n") == {"F": "194", "M": "125"}
-    two = {"a": {"n": "<20"}, "b": {"n": "<20"}, "c": {"n": 50}}
-    assert hub._complementary_suppression(two, "n") == {"a": "<20", "b": "<20", "c": "50"}
+    # A metrics.json whose counts had primary suppression only: M's positives would be 29 - 24.
+    shown = {"ehr": {"auroc": 0.7, "auprc": 0.3}}
+    def cell(n, pos):
+        return {"n": n, "n_positive": pos, "suppressed": False, "models": shown}
+    r = {"auroc": 0.7, "auroc_ci": [0.6, 0.8], "auprc": 0.3, "auprc_ci": [0.2, 0.4], "brier": 0.1, "ece": 0.02}
+    metrics = {"n": 369, "n_positive": 79, "min_cell": 20, "reference": "ehr", "models": {"ehr": r}, "subgroups": {
+        "sex": {"F": cell(194, 24), "M": cell(125, "<20")},
+        "site": {"a": cell(20, "<20"), "b": cell(20, "<20"), "c": cell(50, 50)}}}
+    before = json.dumps(metrics)
+    body = hub.evaluation_section(metrics, "t2d")
+    assert "| F | 194 | hidden | 0.700 / 0.300 |" in body and "| M | 125 | <20 | 0.700 / 0.300 |" in body
+    # Two suppressed counts already: nothing more is hidden.
+    assert "| a | 20 | <20 |" in body and "| b | 20 | <20 |" in body and "| c | 50 | 50 |" in body
+    assert json.dumps(metrics) == before  # the card hides counts; metrics.json stays as read
 
 
 def _break(model: Path, how: str) -> None:

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 import modeling_ehr_prs  # noqa: F401  (registers the Auto classes)
 from modeling_ehr_prs.configuration_ehr_prs import PRESETS, EhrPrsConfig
@@ -69,8 +70,28 @@ def batch(b: int = 3, s: int = 9, seed: int = 1):
     (dict(num_key_value_heads=3), "num_key_value_heads"),
 ])
 def test_config_rejects_bad_values_naming_the_field(bad, field):
-    with pytest.raises(ValueError, match=field):
+    # transformers 5's strict config: "Validation error for field 'x'" / "... validator 'validate_x'".
+    with pytest.raises(StrictDataclassError, match=field):
         EhrPrsConfig.from_preset("tiny", **bad)
+
+
+def test_config_properties_say_what_each_fusion_builds():
+    expected = {  # fusion: (prefix tokens, adapter MLP, cross-attention, logit bias, reads the PRS)
+        "none": (0, False, False, False, False),
+        "prefix": (4, True, False, False, True),
+        "cross_attention": (0, True, True, False, True),
+        "logit_bias": (0, False, False, True, True),
+    }
+    for fusion, want in expected.items():
+        c = tiny_config(fusion)
+        assert (c.num_prefix_tokens, c.has_prs_adapter, c.has_cross_attention, c.has_logit_bias, c.reads_prs) == want
+        model = EhrPrsForCausalLM(c)
+        assert model.model.prefix_length() == c.num_prefix_tokens
+        assert (model.model.prs_adapter is not None, model.prs_logit_bias is not None) == want[1:4:2]
+        assert any(layer.prs_cross_attn is not None for layer in model.model.layers) == c.has_cross_attention
+    # An EHR-only dataset (n_prs 0) keeps the prefix of "no genotype" tokens but reads no scores.
+    no_scores = tiny_config("prefix", n_prs=0, prs_tokens=3)
+    assert (no_scores.num_prefix_tokens, no_scores.reads_prs) == (3, False)
 
 
 def test_config_round_trips_and_model_revalidates_overrides(tmp_path):
@@ -79,9 +100,12 @@ def test_config_round_trips_and_model_revalidates_overrides(tmp_path):
     loaded = EhrPrsConfig.from_pretrained(tmp_path)
     assert (loaded.prs_fusion, loaded.n_prs, loaded.prs_cross_attention_layers) == ("cross_attention", N_PRS, [1])
     assert loaded.rope_parameters["rope_theta"] == 10000.0
-    # from_pretrained(..., key=value) sets fields after __init__: the model re-checks them.
-    loaded.prs_fusion = "film"
-    with pytest.raises(ValueError, match="prs_fusion"):
+    # from_pretrained(..., key=value) sets fields after __init__: a field is checked as it is set,
+    # and the model re-checks the rules between fields.
+    with pytest.raises(StrictDataclassError, match="prs_fusion"):
+        loaded.prs_fusion = "film"
+    loaded.prs_cross_attention_layers = []
+    with pytest.raises(StrictDataclassError, match="prs_cross_attention_layers"):
         EhrPrsForCausalLM(loaded)
     assert EhrPrsConfig(prs_cross_attention_layers=None, num_hidden_layers=5).prs_cross_attention_layers == [0, 2, 4]
     with pytest.raises(ValueError, match="unknown preset"):
@@ -213,7 +237,7 @@ def test_centered_cross_attention_moves_only_with_the_scores():
     hidden = make_model("centered", prs_dropout=1.0).train()
     ehr_only.train()
     torch.testing.assert_close(hidden(ids, prs=prs, prs_mask=prs_mask).logits, ehr_only(ids).logits, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="prs_centered"):
+    with pytest.raises(StrictDataclassError, match="prs_centered"):
         tiny_config("prefix", prs_centered=True)
 
 

@@ -1,6 +1,7 @@
 """The logit_bias adapter's closed-form fit (ehr_prs/fits/logit_bias.py): the per-sequence
 incidence statistics against a direct count, the low-rank Poisson fit on data with a known effect,
-and the whole fit through `train.py` on a planted effect and on the tiny simulated cohort."""
+the fit on a planted effect, and `ehr-prs fit-logit-bias` on the tiny simulated cohort and against
+its deprecated alias `ehr-prs pretrain --freeze-backbone --prs-fusion logit_bias`."""
 
 from __future__ import annotations
 
@@ -141,12 +142,13 @@ def test_fit_finds_a_planted_effect_and_touches_nothing_else(tok):
     assert float(delta[not_codes].abs().max()) == 0.0  # time, age and bin tokens are never shifted
 
 
-def test_pretrain_fits_logit_bias_on_a_frozen_backbone(tiny_data, tmp_path):
-    """`ehr-prs pretrain --prs-fusion logit_bias --freeze-backbone` runs the fit, not Trainer steps,
-    on the tiny cohort (too small for a genetic effect: the penalty path decides), and writes a
-    folder whose non-genotyped predictions are the backbone's."""
+def test_fit_logit_bias_command_on_a_frozen_backbone(tiny_data, tmp_path, capsys):
+    """`ehr-prs fit-logit-bias` fits, without Trainer steps, on the tiny cohort (too small for a genetic
+    effect: the penalty path decides), and writes a folder whose non-genotyped predictions are the backbone's."""
     import ehr_prs.recipes.train as train
     from transformers import AutoModelForCausalLM
+
+    from ehr_prs import cli
 
     base_dir = tmp_path / "ehr_only"
     base_args = train.PretrainArguments(
@@ -155,15 +157,19 @@ def test_pretrain_fits_logit_bias_on_a_frozen_backbone(tiny_data, tmp_path):
         max_seq_length=128, seed=1)
     train.train(base_args)
     out = tmp_path / "logit_bias"
-    args = train.PretrainArguments(
-        data=str(tiny_data / "tok"), output_dir=str(out), init_from=str(base_dir), freeze_backbone=True,
-        prs_fusion="logit_bias", max_steps=2, batch_size=8, max_eval_samples=8, max_seq_length=128, seed=1)
-    train.train(args)
+    argv = ["fit-logit-bias", "--model", str(base_dir), "--data", str(tiny_data / "tok"), "--output-dir", str(out),
+            "--batch-size", "8", "--max-eval-samples", "8", "--max-seq-length", "128", "--seed", "1"]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr()
+    assert "logit_bias fitted in closed form on" in printed.out and f"wrote {out}: 0 steps" in printed.out
+    assert "deprecated" not in printed.err
     summary = json.loads((out / "training_summary.json").read_text())
     fit = summary["logit_bias_fit"]
     assert summary["steps"] == 0 and fit["genotyped_train_sequences"] > 100
     assert fit["families_fitted"] > 0 and len(fit["penalty_path"]) == 5
     assert all(f["incident_train_subjects"] >= 20 for f in fit.get("families", []))  # the dissemination rule
+    assert (out / "prs_standardizer.json").is_file() and (out / "tokenizer_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
     assert model.config.prs_fusion == "logit_bias"
@@ -178,3 +184,96 @@ def test_pretrain_fits_logit_bias_on_a_frozen_backbone(tiny_data, tmp_path):
 
     with pytest.raises(InputError, match="logit_bias"):  # a classifier on it would never read the scores
         load_base_classifier(out)
+    # The output rules of every command: an earlier model is replaced only with --overwrite; wrong inputs
+    # are named by this command's flags (the recipe's --init-from is --model here), exit 2.
+    before = (out / "model.safetensors").read_bytes()
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == before
+    bad = ["fit-logit-bias", "--model", str(tmp_path / "nowhere"), "--data", str(tiny_data / "tok"),
+           "--output-dir", str(tmp_path / "x")]
+    assert cli.main(bad) == 2
+    err = capsys.readouterr().err
+    assert f"--model {tmp_path / 'nowhere'}: no such folder" in err and "--init-from" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def _planted_data(tok, tiny_data, root, target):
+    """A `tokenize`-like folder (the tiny cohort's tokenizer, 4 scores) whose splits hold a planted effect."""
+    import shutil
+
+    shutil.copytree(tiny_data / "tok" / "tokenizer", root / "tokenizer")
+    std_file = root / "tokenizer" / "prs_standardizer.json"
+    std = json.loads(std_file.read_text())
+    std.update(n_prs=4, columns=["PGS_a", "PGS_b", "PGS_c", "PGS_d"], mean=std["mean"][:4], std=std["std"][:4])
+    std_file.write_text(json.dumps(std))
+    rng = np.random.default_rng(0)
+    _planted(tok, rng, 800, target).save_to_disk(str(root / "train"))
+    _planted(tok, rng, 300, target).save_to_disk(str(root / "tuning"))
+    return root
+
+
+def test_fit_logit_bias_and_the_deprecated_pretrain_alias_write_the_same_model(tok, tiny_data, tmp_path, capsys):
+    """On a planted effect (a non-zero adapter): `ehr-prs fit-logit-bias` and `ehr-prs pretrain --init-from M
+    --freeze-backbone --prs-fusion logit_bias` (deprecated: one line says so) write equal weights and reports."""
+    from safetensors.torch import load_file
+
+    from ehr_prs import cli
+
+    tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+    target = next(t for t in tokens if tok._is_code(t) and t.startswith("ICD10CM/"))
+    data = _planted_data(tok, tiny_data, tmp_path / "tok", target)
+    torch.manual_seed(0)
+    EhrPrsForCausalLM(EhrPrsConfig.from_preset(
+        "tiny", vocab_size=len(tok), prs_fusion="none", pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path / "ehr_only")
+    common = ["--data", str(data), "--batch-size", "32", "--max-seq-length", "64", "--max-eval-samples", "16"]
+    capsys.readouterr()
+    assert cli.main(["fit-logit-bias", "--model", str(tmp_path / "ehr_only"), "--output-dir", str(tmp_path / "fit"),
+                     "--rank", "2", *common]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert cli.main(["pretrain", "--init-from", str(tmp_path / "ehr_only"), "--output-dir", str(tmp_path / "alias"),
+                     "--freeze-backbone", "--prs-fusion", "logit_bias", "--config-overrides", "prs_logit_bias_rank=2",
+                     *common]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+    assert len(notes) == 1 and "use `ehr-prs fit-logit-bias --model" in notes[0]
+    fitted, alias = load_file(tmp_path / "fit" / "model.safetensors"), load_file(tmp_path / "alias" / "model.safetensors")
+    assert fitted.keys() == alias.keys()
+    for name, value in fitted.items():
+        assert torch.equal(value, alias[name]), name
+    assert float(fitted["prs_logit_bias.up"].abs().max()) > 0.1  # the planted effect: a fit that is not zero
+    reports = [json.loads((tmp_path / d / "training_summary.json").read_text()) for d in ("fit", "alias")]
+    assert reports[0]["logit_bias_fit"] == reports[1]["logit_bias_fit"]
+    assert reports[0]["logit_bias_fit"]["families"][0]["family"] == target.split(".")[0]
+    assert next(iter(reports[0]["logit_bias_fit"]["families"][0]["rate_ratio_per_sd_of_top_scores"])) == "PGS_a"
+    assert reports[0]["final_eval_loss"] == reports[1]["final_eval_loss"]
+    assert sorted(p.name for p in (tmp_path / "fit").iterdir()) == sorted(p.name for p in (tmp_path / "alias").iterdir())
+
+
+def test_fit_logit_bias_on_a_time_to_event_model_trains_only_the_hazard_shift_after_the_fit(tiny_data, tiny_tte_lm,
+                                                                                         tmp_path, capsys):
+    """A TTE head's PRS hazard shift has no closed form: with --max-steps it alone takes Trainer steps after
+    the fit (the fitted bias, the decoder and the head kept); without, it is left as the model has it."""
+    from safetensors.torch import load_file
+
+    from ehr_prs import cli
+
+    common = ["--model", str(tiny_tte_lm), "--data", str(tiny_data / "tok"), "--batch-size", "8",
+              "--max-seq-length", "128", "--max-eval-samples", "8", "--seed", "1"]
+    capsys.readouterr()
+    assert cli.main(["fit-logit-bias", *common, "--output-dir", str(tmp_path / "fit")]) == 0
+    assert "hazard shift has no closed form and --max-steps is 0" in capsys.readouterr().out
+    assert cli.main(["fit-logit-bias", *common, "--output-dir", str(tmp_path / "steps"), "--max-steps", "2",
+                     "--learning-rate", "3e-2", "--warmup-steps", "0"]) == 0
+    base = load_file(tiny_tte_lm / "model.safetensors")
+    fit, steps = (load_file(tmp_path / d / "model.safetensors") for d in ("fit", "steps"))
+    summaries = [json.loads((tmp_path / d / "training_summary.json").read_text()) for d in ("fit", "steps")]
+    assert [s["steps"] for s in summaries] == [0, 2] and all("logit_bias_fit" in s for s in summaries)
+    shift = [k for k in base if "hazard_shift" in k]
+    assert shift and fit.keys() == steps.keys() == base.keys()
+    for name in base:
+        if "hazard_shift" in name:  # trained by the steps only
+            assert torch.equal(fit[name], base[name]) and not torch.equal(steps[name], base[name]), name
+        elif "prs_logit_bias" in name:  # the fit's, the same with or without the steps after it
+            assert torch.equal(steps[name], fit[name]), name
+        else:  # decoder and TTE head: the model's
+            assert torch.equal(fit[name], base[name]) and torch.equal(steps[name], base[name]), name

@@ -354,7 +354,7 @@ def test_shared_prompt_cache_gives_the_same_logits_as_repeated_prompts(fusion, r
     buffer growth, and compaction that drops a whole prompt and then part of another. Room 2: the
     buffer doubles before the compactions; room 64: the first compaction cuts it to 16 slots,
     and 25 steps must grow it again."""
-    from ehr_prs.risk.sampling import _share_prompts
+    from ehr_prs.risk.shared_prompt import share_prompts as _share_prompts
 
     torch.manual_seed(0)
     centered = fusion == "centered"  # cross-attention with prs_centered
@@ -454,14 +454,15 @@ def test_incidence_statistics_read_the_scores_of_a_model_that_takes_them(pipelin
     the person's scores, not from the "no genotype" tokens (rows without a prs column)."""
     import datasets
 
-    from ehr_prs.fits.incidence import onset_statistics
     from ehr_prs.checkpoints import load_model_and_tokenizer
+    from ehr_prs.fits.at_risk import start_tokens
+    from ehr_prs.fits.incidence import onset_statistics
 
     model, tok, _ = load_model_and_tokenizer(pipeline / "model")
     rows = datasets.load_from_disk(str(pipeline / "tok" / "train"))
     rows = rows.select(np.flatnonzero(np.asarray(rows["prs_mask"], dtype=bool))[:24])  # genotyped
     target = tok.code_token_ids(["ICD10CM/E11*"])
-    start = np.array([t.startswith(("AGE/", "TIME/")) for t in tok.convert_ids_to_tokens(list(range(len(tok))))])
+    start = start_tokens(tok.convert_ids_to_tokens(list(range(len(tok)))))
     kw = dict(negative_fraction=1.0, desc="test")
     with_scores = onset_statistics(model, rows, target, start, **kw)
     without = onset_statistics(model, rows.remove_columns(["prs", "prs_mask"]), target, start, **kw)

@@ -25,13 +25,8 @@ from ehr_prs.collator import EhrPrsCollator
 from modeling_ehr_prs.configuration_ehr_prs import EhrPrsConfig
 from modeling_ehr_prs.modeling_ehr_prs import DAYS_PER_YEAR, EhrPrsForCausalLM, tte_pairs
 from test_train import StopAt  # tests/ is on sys.path under pytest
-from ehr_prs.time_to_event import (
-    choose_families,
-    code_family,
-    cumulative_hazard,
-    hazard_risk,
-    tte_targets,
-)
+from ehr_prs.risk.hazard import cumulative_hazard, hazard_risk
+from ehr_prs.time_to_event import choose_families, code_family, tte_targets
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 

@@ -16,7 +16,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from tokenizer_cohort import SPLITS, write_cohort, write_prs  # noqa: E402
 
-import ehr_prs.tokenizer as tokenizer  # noqa: E402,F401  (registers EhrTokenizer with AutoTokenizer)
+import modeling_ehr_prs  # noqa: E402,F401  (registers EhrTokenizer with AutoTokenizer)
+import ehr_prs.tokenizer as tokenizer  # noqa: E402,F401
 from ehr_prs.errors import InputError  # noqa: E402
 from modeling_ehr_prs.tokenization_ehr import InputError as TokenizerInputError  # noqa: E402  (the hub file's own)
 from ehr_prs.data.readers import read_meds_dataset, read_prs_table  # noqa: E402

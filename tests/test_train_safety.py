@@ -29,6 +29,7 @@ from ehr_prs.checkpoints import checkpoint_problem, nonfinite_tensors
 from ehr_prs.errors import InputError
 from ehr_prs.predict import load_base_classifier
 from ehr_prs.checkpoints import load_model_and_tokenizer
+from ehr_prs.data.predictions import write_predictions
 
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 
@@ -156,9 +157,9 @@ def test_no_nan_probability_is_written(tmp_path):
     out = tmp_path / "pred.parquet"
     with pytest.raises(InputError, match=r"--model m gave 2 of 3 rows a NaN, infinite or missing probability: "
                                          r"not writing .*pred\.parquet"):
-        baselines.write_predictions(preds, out, source="--model m")
+        write_predictions(preds, out, source="--model m")
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no partial file either
-    baselines.write_predictions(preds.with_columns(pl.lit(0.5).alias("predicted_boolean_probability")), out)
+    write_predictions(preds.with_columns(pl.lit(0.5).alias("predicted_boolean_probability")), out)
     assert pl.read_parquet(out)["predicted_boolean_probability"].to_list() == [0.5, 0.5, 0.5]
 
 

@@ -117,7 +117,8 @@ def test_hazard_page_equals_risk_and_its_no_genotype_curve_is_the_ehr_only_predi
 
     # "No genotype" is the EHR-only model: the same model with its genomic adapter on hazards zeroed.
     from ehr_prs.checkpoints import load_model_and_tokenizer
-    from ehr_prs.time_to_event import hazard_risk, target_families
+    from ehr_prs.risk.hazard import hazard_risk
+    from ehr_prs.time_to_event import target_families
     from ehr_prs.data.readers import read_meds_dataset, read_prs_table
     from ehr_prs.tokenizer import inputs_at_prediction_times
 

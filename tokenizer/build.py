@@ -24,6 +24,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.privacy import MIN_SUBJECTS
 from ehr_prs.data.readers import KNOWN_SPLITS, MedsDataset, PrsTable, read_meds_dataset, read_prs_table
 from ehr_prs.tokenizer.encode import EncodeTables, encode_events, tables_from_tokenizer
 from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer
@@ -131,7 +132,7 @@ def build(
     meds_root: str | os.PathLike,
     out: str | os.PathLike,
     prs_path: str | os.PathLike | None = None,
-    min_subjects: int = 20,
+    min_subjects: int = MIN_SUBJECTS,
     max_length: int = 2048,
     n_bins: int = 10,
     min_values: int = 100,
@@ -151,7 +152,7 @@ def build(
     if max_length < 8:
         raise InputError(f"--max-length {max_length} is too short; use at least 8 tokens (2048 is the default).")
     if min_subjects < 1:
-        raise InputError(f"--min-subjects {min_subjects} must be at least 1 (20 is the All of Us rule).")
+        raise InputError(f"--min-subjects {min_subjects} must be at least 1 ({MIN_SUBJECTS} is the All of Us rule).")
     meds = read_meds_dataset(meds_root)
     if "train" not in meds.splits:
         raise InputError(

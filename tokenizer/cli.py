@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ehr_prs.privacy import MIN_SUBJECTS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meds", required=True, help="root of a MEDS 0.4 dataset (data/, metadata/)")
@@ -12,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder: tokenizer/, train/, tuning/, held_out/")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out folder (never one that is, holds or lies inside --meds/--prs)")
-    parser.add_argument("--min-subjects", type=int, default=20,
-                        help="a code enters the vocabulary only if seen in this many train subjects (default 20)")
+    parser.add_argument("--min-subjects", type=int, default=MIN_SUBJECTS,
+                        help=f"a code enters the vocabulary only if seen in this many train subjects (default {MIN_SUBJECTS})")
     parser.add_argument("--max-length", type=int, default=2048,
                         help="longest sequence; longer histories keep the static prefix and the most recent events")
     parser.add_argument("--value-bins", type=int, default=10, help="quantile bins per numeric code (default 10)")

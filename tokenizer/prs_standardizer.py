@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from ehr_prs.errors import InputError
+from ehr_prs.privacy import MIN_SUBJECTS
 from ehr_prs.data.readers import warn
 
 FILE_NAME = "prs_standardizer.json"
@@ -57,7 +58,7 @@ class PrsStandardizer:
         std: list[float],
         group_column: str | None = None,
         groups: dict[str, dict[str, list[float]]] | None = None,
-        min_group_subjects: int = 20,
+        min_group_subjects: int = MIN_SUBJECTS,
         uninformative: list[str] | None = None,
     ):
         self.columns = list(columns)
@@ -85,7 +86,7 @@ class PrsStandardizer:
         columns: list[str],
         train_subject_ids: pl.Series | None = None,
         group_column: str | None = None,
-        min_group_subjects: int = 20,
+        min_group_subjects: int = MIN_SUBJECTS,
         source: str = "PRS table",
     ) -> PrsStandardizer:
         """Fit on the genotyped rows of `frame` whose subject is in `train_subject_ids`.
@@ -251,7 +252,7 @@ class PrsStandardizer:
             )
         if len(d["columns"]) != d["n_prs"] or len(d["mean"]) != d["n_prs"] or len(d["std"]) != d["n_prs"]:
             raise InputError(f"{path}: n_prs, columns, mean and std lengths disagree; the file is damaged.")
-        return cls(d["columns"], d["mean"], d["std"], d.get("group_column"), d.get("groups"), d.get("min_group_subjects", 20),
+        return cls(d["columns"], d["mean"], d["std"], d.get("group_column"), d.get("groups"), d.get("min_group_subjects", MIN_SUBJECTS),
                    d.get("uninformative_columns"))
 
     from_pretrained = load

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from ehr_prs.errors import InputError
+from ehr_prs.privacy import MIN_SUBJECTS
 from ehr_prs.tokenizer.encode import BIRTH_CODE
 from ehr_prs.tokenizer.time_tokens import age_tokens, default_time_scheme
 from modeling_ehr_prs.tokenization_ehr import FORMAT_NAME, FORMAT_VERSION, PREFIX_PATTERN, SPECIAL_TOKENS, UNK_SUFFIX
@@ -64,7 +65,7 @@ class VocabularyCounter:
 
     def fit_state(
         self,
-        min_subjects: int = 20,
+        min_subjects: int = MIN_SUBJECTS,
         n_bins: int = 10,
         min_values: int = 100,
         descriptions: dict[str, str] | None = None,

@@ -53,14 +53,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import meds
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from ehr_prs.errors import InputError, atomic_output_dir, check_output
 from ehr_prs.data.readers import KNOWN_SPLITS, read_meds_dataset, warn
+
+# meds and pyarrow are imported inside the functions that write MEDS: `--help` needs neither.
 
 ETL_NAME, ETL_VERSION = "meds_etl.omop", "0.3.11"
 ETL_DIR_ENV = "EHR_PRS_OMOP_ETL_PATH"
@@ -371,6 +371,8 @@ def assign_splits(subject_ids: np.ndarray, seed: int, fractions: dict[str, float
 
 def _to_meds04(df: pl.DataFrame) -> pl.DataFrame:
     """Cast the core columns to meds.DataSchema types (extras kept), sorted by subject then time."""
+    import meds
+
     core = [
         pl.col("subject_id").cast(pl.Int64),
         pl.col("time").cast(pl.Datetime("us")),
@@ -386,6 +388,8 @@ def _to_meds04(df: pl.DataFrame) -> pl.DataFrame:
 
 def _write_aligned(df: pl.DataFrame, schema: type, path: Path) -> None:
     """Write `df` with the exact arrow types of a `meds` schema (polars writes large_string)."""
+    import pyarrow.parquet as pq
+
     pq.write_table(schema.align(df.to_arrow()), path)
 
 
@@ -395,6 +399,8 @@ def _code_metadata(etl_codes: pl.DataFrame, concept_dir: Path, data_codes: set[s
     meds_etl 0.3.11 only describes custom (>= 2e9) concepts, so descriptions of standard
     codes are looked up in the staged concept table (code = vocabulary_id/concept_code).
     """
+    import meds
+
     concepts = pl.concat([pl.read_parquet(p) for p in sorted(concept_dir.glob("*.parquet"))], how="diagonal")
     names = concepts.select(
         pl.concat_str(["vocabulary_id", pl.lit("/"), "concept_code"]).alias("code"),
@@ -419,6 +425,8 @@ def _static_demographics(df: pl.DataFrame) -> pl.DataFrame:
     timeless facts at a null time, where the tokenizer puts them in the static prefix and the
     baselines read them as indicators. MEDS_BIRTH keeps its time.
     """
+    import meds
+
     if "table" not in df.columns:
         return df
     demographic = (pl.col("table") == "person") & (pl.col("code") != meds.birth_code)
@@ -443,6 +451,8 @@ def implausible_births(df: pl.DataFrame, data_end: dt.datetime | None) -> pl.Dat
     The rules compare a birth with the data, not with today, so consistently date-shifted data
     (MIMIC-IV's years 2100-2200) pass.
     """
+    import meds
+
     is_birth = pl.col("code") == meds.birth_code
     births = df.filter(is_birth & pl.col("time").is_not_null()).group_by("subject_id").agg(
         pl.col("time").min().alias("birth"))
@@ -469,6 +479,8 @@ BIRTH_IS_WRONG = ("future", "too_old", "born_after_record")
 
 def drop_implausible(df: pl.DataFrame, bad: pl.DataFrame) -> pl.DataFrame:
     """`df` without the wrong part of each `implausible_births` row: the MEDS_BIRTH, or the events before it."""
+    import meds
+
     if bad.height == 0:
         return df
     no_birth = bad.filter(pl.col("reason").is_in(BIRTH_IS_WRONG)).select("subject_id")
@@ -510,6 +522,8 @@ def convert_output(etl_out: Path, final: Path, seed: int, concept_dir: Path,
     (the MEDS_BIRTH, or events before it) left out; `report["implausible_births"]` receives the
     number of persons concerned.
     """
+    import meds
+
     shards = sorted((etl_out / "data").glob("*.parquet"))
     ids = pl.concat([pl.read_parquet(p, columns=["subject_id"]) for p in shards])["subject_id"].to_numpy()
     # The data's last dated event (births, and the demographics meds_etl dates at the birth, excluded):
@@ -640,6 +654,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import meds
+
     summary = omop_to_meds(args.omop, args.out, seed=args.seed, num_shards=args.num_shards, workers=args.workers,
                            overwrite=args.overwrite, skip_tables=tuple(args.skip_table),
                            on_bad_table=args.on_bad_table)

@@ -1,4 +1,4 @@
-"""Readers for the three inputs of DESIGN.md: a MEDS dataset, a PRS table and MEDS labels.
+"""Readers for the three inputs of docs/design.md: a MEDS dataset, a PRS table and MEDS labels.
 
 Every reader checks what it is handed before anything downstream sees it: column types are
 taken from the `meds` package's own schemas and compared with the file's parquet metadata
@@ -20,19 +20,25 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import meds
 import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
-from flexible_schema import PyArrowSchema
 
 from ehr_prs.errors import InputError
+
+# meds and pyarrow are imported inside the readers that use them: every `ehr-prs COMMAND --help`
+# imports this module, and meds + pyarrow alone take ~0.2 s.
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flexible_schema import PyArrowSchema
 
 # PGS Catalog score ids: "PGS" and six digits (PGS000001 ...). Other columns are not scores.
 PRS_COLUMN_PATTERN = re.compile(r"^PGS\d{6}$")
 
-KNOWN_SPLITS = (meds.train_split, meds.tuning_split, meds.held_out_split)
+# meds.train_split, meds.tuning_split, meds.held_out_split (tests/test_layout.py checks they agree).
+KNOWN_SPLITS = ("train", "tuning", "held_out")
 
 # The normalised event columns every reader downstream gets, whatever the file stored.
 EVENT_SCHEMA = {
@@ -50,6 +56,8 @@ CODES_SCHEMA = {"code": pl.String, "description": pl.String, "parent_codes": pl.
 # ----------------------------------------------------------------------------------------
 
 def _is_stringish(t: pa.DataType) -> bool:
+    import pyarrow as pa
+
     if pa.types.is_dictionary(t):  # polars Categorical / Enum columns are written this way
         return _is_stringish(t.value_type)
     return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
@@ -63,6 +71,8 @@ def _safe_cast_ok(want: pa.DataType, got: pa.DataType) -> bool:
     timestamp[us], the string family (string, large_string, string_view, dictionary of
     strings) to string, and bool to bool.
     """
+    import pyarrow as pa
+
     if want == got:
         return True
     if pa.types.is_integer(want):
@@ -90,6 +100,9 @@ def check_schema(
     Uses the schema class's own required/optional columns and types; `allow_extra` overrides the
     class's `allow_extra_columns`.
     """
+    import meds
+    import pyarrow as pa
+
     names = set(got.names)
     missing = [c for c in schema.required_columns() if c not in names]
     if missing:
@@ -120,6 +133,9 @@ def check_schema(
 
 
 def _parquet_schema(path: Path, what: str) -> pq.FileMetaData:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         return pq.ParquetFile(path).metadata
     except (OSError, pa.ArrowException) as err:
@@ -227,6 +243,8 @@ class MedsDataset:
         The tokenizer writes birth as an age and static facts as a prefix, so a prediction time
         before this instant gives the model an empty history. Subjects with no such event are absent.
         """
+        import meds
+
         ids = pl.DataFrame({"subject_id": subject_ids.cast(pl.Int64).unique()})
         parts = [
             self.scan(s).filter(pl.col("time").is_not_null() & (pl.col("code") != meds.birth_code))
@@ -248,6 +266,8 @@ def _unique_subjects(files: list[Path]) -> pl.DataFrame:
 
 def _check_one_split_per_subject(ds: MedsDataset, index: pl.DataFrame) -> None:
     """InputError when a subject's events sit in two split folders, or in a folder other than its listed split."""
+    import meds
+
     twice = index.filter(pl.col("subject_id").is_duplicated())
     if twice.height:
         sid = twice["subject_id"].min()
@@ -270,6 +290,8 @@ def _check_one_split_per_subject(ds: MedsDataset, index: pl.DataFrame) -> None:
 
 
 def _read_dataset_json(root: Path) -> dict:
+    import meds
+
     path = root / meds.dataset_metadata_filepath
     if not path.is_file():
         raise InputError(
@@ -297,6 +319,8 @@ def _read_dataset_json(root: Path) -> dict:
 
 
 def _read_subject_splits(root: Path) -> pl.DataFrame:
+    import meds
+
     path = root / meds.subject_splits_filepath
     if not path.is_file():
         raise InputError(
@@ -323,6 +347,8 @@ def _read_subject_splits(root: Path) -> pl.DataFrame:
 
 
 def _read_codes(root: Path) -> pl.DataFrame:
+    import meds
+
     path = root / meds.code_metadata_filepath
     if not path.is_file():
         return pl.DataFrame(schema=CODES_SCHEMA)
@@ -339,6 +365,8 @@ def _read_codes(root: Path) -> pl.DataFrame:
 
 
 def _find_shards(root: Path, subject_splits: pl.DataFrame) -> tuple[dict[str, list[Path]], bool]:
+    import meds
+
     data = root / meds.data_subdirectory
     if not data.is_dir():
         raise InputError(f"{root}: {data} is missing; MEDS events live in data/<split>/*.parquet or data/*.parquet.")
@@ -374,6 +402,8 @@ def read_meds_dataset(root: str | os.PathLike) -> MedsDataset:
     nulls in subject_id and code. In a data/<split>/ layout it also reads the subject_id column,
     to refuse a subject whose events sit in two splits (`MedsDataset.subject_index`).
     """
+    import meds
+
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: no such folder; pass the root of a MEDS dataset (it holds data/ and metadata/).")
@@ -408,6 +438,8 @@ class PrsTable:
 
 
 def _read_prs_frame(path: Path) -> pl.DataFrame:
+    import pyarrow as pa
+
     suffixes = "".join(path.suffixes).lower()
     try:
         if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
@@ -494,6 +526,8 @@ def read_labels(path: str | os.PathLike) -> pl.DataFrame:
     Extra columns are kept (a prediction file carries predicted_boolean_probability). Rows must
     be unique per (subject_id, prediction_time) and have no nulls in those three columns.
     """
+    import meds
+
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: label file not found; pass a MEDS label parquet file.")
@@ -576,6 +610,8 @@ class LabelSelection:
 
     def reasons(self, ds: MedsDataset) -> str:
         """Why rows were dropped: counts and a few example subjects, one clause per reason."""
+        import meds
+
         parts = []
         listed = f" (or no split in {meds.subject_splits_filepath})" if ds.flat else ""
         if self.absent.height:

@@ -24,22 +24,24 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import meds
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from ehr_prs.errors import InputError, atomic_output_dir, check_output
+
+# pyarrow and meds are imported where the files are written: `ehr-prs simulate --help` needs neither.
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 # ----------------------------------------------------------------------------- vocabulary
 TASKS = ("t2d", "stroke", "copd")
 TASK_CODE_PREFIXES = {"t2d": "ICD10CM/E11", "stroke": "ICD10CM/I63", "copd": "ICD10CM/J44"}
 VISIT_START_CODES = {"OP": "Visit/OP", "IP": "Visit/IP", "ER": "Visit/ER"}
 VISIT_END_CODE = "Visit/END"
-BIRTH_CODE = meds.birth_code  # "MEDS_BIRTH"
-DEATH_CODE = meds.death_code  # "MEDS_DEATH"
+BIRTH_CODE = "MEDS_BIRTH"  # meds.birth_code (tests/test_layout.py checks they agree)
+DEATH_CODE = "MEDS_DEATH"  # meds.death_code
 ANCESTRIES = ("afr", "amr", "eas", "eur", "mid", "sas")
 ANCESTRY_P = np.array([0.22, 0.18, 0.03, 0.53, 0.015, 0.025])  # roughly All of Us v7
 SPLITS = ("train", "tuning", "held_out")
@@ -1008,30 +1010,34 @@ def _simulate_shard(seed: int, shard: int, n: int, design: _PrsDesign, horizon_d
 
 
 # ----------------------------------------------------------------------------- writing
-_DATA_SCHEMA = pa.schema([("subject_id", pa.int64(), False), ("time", pa.timestamp("us")),
-                          ("code", pa.string(), False), ("numeric_value", pa.float32())])
-_LABEL_SCHEMA = pa.schema([("subject_id", pa.int64(), False), ("prediction_time", pa.timestamp("us"), False),
-                           ("boolean_value", pa.bool_(), False)])
-_CODE_DICT = pa.array([c for c, _ in CODEBOOK], pa.string())
 
 
 def _event_table(ids, rows, t, code, val) -> pa.Table:
+    import pyarrow as pa
+
+    schema = pa.schema([("subject_id", pa.int64(), False), ("time", pa.timestamp("us")),
+                        ("code", pa.string(), False), ("numeric_value", pa.float32())])
+    code_strings = pa.array([c for c, _ in CODEBOOK], pa.string())  # code index -> MEDS code
     static = t == _STATIC_T
     return pa.Table.from_arrays([
         pa.array(ids[rows], pa.int64()),
         pa.array(np.where(static, 0, t), pa.timestamp("us"), mask=static),
-        pa.DictionaryArray.from_arrays(pa.array(code.astype(np.int32)), _CODE_DICT).cast(pa.string()),
+        pa.DictionaryArray.from_arrays(pa.array(code.astype(np.int32)), code_strings).cast(pa.string()),
         pa.array(val, pa.float32(), mask=np.isnan(val)),
-    ], schema=_DATA_SCHEMA)
+    ], schema=schema)
 
 
 def _prs_table(ids, anc, raw: np.ndarray, names: list[str]) -> pa.Table:
+    import pyarrow as pa
+
     cols = [pa.array(ids, pa.int64()), pa.array(np.array(ANCESTRIES)[anc], pa.string())]
     cols += [pa.array(raw[j]) for j in range(raw.shape[0])]
     return pa.Table.from_arrays(cols, names=["subject_id", "ancestry", *names])
 
 
 def _codes_table() -> pa.Table:
+    import pyarrow as pa
+
     parents = [[c.split(".")[0]] if c.startswith("ICD10CM/") and "." in c else None for c, _ in CODEBOOK]
     return pa.table({"code": [c for c, _ in CODEBOOK], "description": [d for _, d in CODEBOOK],
                      "parent_codes": pa.array(parents, pa.list_(pa.string()))})
@@ -1059,6 +1065,8 @@ def _prs_traits_json(design: _PrsDesign, names: list[str]) -> dict:
 
 
 def _subjects_table(res: dict) -> pa.Table:
+    import pyarrow as pa
+
     S, on = res["S"], res["onset"]
     cols = {"subject_id": pa.array(res["ids"]), "ancestry": np.array(ANCESTRIES)[res["anc"]],
             "genotyped": res["genotyped"], "sex": np.where(S["female"], "F", "M"),
@@ -1102,6 +1110,10 @@ def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_
     confidence intervals when comparing models (the demo uses 0.6, 0.1, 0.3). An existing `out`
     is replaced only with `overwrite` (--overwrite).
     """
+    import meds
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     check_output(out, {}, overwrite)
     split_fractions = tuple(float(f) for f in split_fractions)
     if len(split_fractions) != 3 or min(split_fractions) <= 0 or abs(sum(split_fractions) - 1) > 1e-6:
@@ -1175,13 +1187,18 @@ def _split_counts(subj: pa.Table) -> dict[str, int]:
 
 def _write_labels(tmp: Path, labels: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
     """labels/{task}.parquet (MEDS label schema) and truth/{task}.parquet, rows sorted by subject."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    label_schema = pa.schema([("subject_id", pa.int64(), False), ("prediction_time", pa.timestamp("us"), False),
+                              ("boolean_value", pa.bool_(), False)])
     out = {}
     for task, parts in labels.items():
         cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.argsort(cat["subject_id"], kind="stable")
         cat = {k: v[order] for k, v in cat.items()}
         sid, pt = pa.array(cat["subject_id"], pa.int64()), pa.array(cat["prediction_time"], pa.timestamp("us"))
-        pq.write_table(pa.Table.from_arrays([sid, pt, pa.array(cat["boolean_value"])], schema=_LABEL_SCHEMA),
+        pq.write_table(pa.Table.from_arrays([sid, pt, pa.array(cat["boolean_value"])], schema=label_schema),
                        tmp / "labels" / f"{task}.parquet")
         pq.write_table(pa.table({"subject_id": sid, "prediction_time": pt,
                                  "true_probability": cat["true_probability"],

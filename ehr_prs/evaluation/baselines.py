@@ -35,17 +35,15 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import meds
 import numpy as np
 import polars as pl
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from ehr_prs.data.predictions import write_predictions
 from ehr_prs.errors import InputError, check_output
+from ehr_prs.privacy import MIN_SUBJECTS
 from ehr_prs.data.readers import (
-    STRICT_LABELS_HELP, LabelSelection, MedsDataset, PrsTable, read_labels, read_meds_dataset, read_prs_table,
-    select_label_rows, subject_sex, warn,
+    KNOWN_SPLITS, STRICT_LABELS_HELP, LabelSelection, MedsDataset, PrsTable, read_labels, read_meds_dataset,
+    read_prs_table, select_label_rows, subject_sex, warn,
 )
 from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer
 
@@ -53,7 +51,6 @@ KINDS = ("prs-lr", "counts-gbm", "counts-gbm-prs")
 WINDOWS_DAYS = (30, 365, 1095)  # plus "all time"
 DAY_US = 86_400 * 1_000_000
 KEY = ["subject_id", "prediction_time"]
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -95,6 +92,8 @@ class History:
 
 def _aggregate_shard(events: pl.LazyFrame, keys: pl.LazyFrame) -> tuple[pl.LazyFrame, pl.LazyFrame, pl.LazyFrame]:
     """Join one shard's events to the label keys and reduce them to per-(row, code) aggregates."""
+    import meds
+
     ev = events.join(keys, on="subject_id", how="inner")
     # The leakage rule: a timed event reaches a feature only if time <= prediction_time.
     timed = ev.filter(pl.col("time").is_not_null() & (pl.col("time") <= pl.col("prediction_time")))
@@ -169,7 +168,7 @@ def _frequent(frame: pl.DataFrame, min_subjects: int, limit: int) -> list[str]:
     return counts["code"].head(limit).to_list()
 
 
-def fit_count_features(train: History, min_subjects: int = 20, max_codes: int = 1000,
+def fit_count_features(train: History, min_subjects: int = MIN_SUBJECTS, max_codes: int = 1000,
                        max_value_codes: int = 50) -> CountFeatureSpec:
     """Choose the feature vocabulary from train histories (events at or before prediction times).
 
@@ -363,7 +362,7 @@ def _split_rows(labels: pl.DataFrame, split: str) -> pl.DataFrame:
 
 
 def run_baseline(kind: str, meds_dir: str | Path, labels_path: str | Path, prs_path: str | Path | None = None,
-                 split: str = meds.held_out_split, min_subjects: int = 20, max_codes: int = 1000,
+                 split: str = "held_out", min_subjects: int = MIN_SUBJECTS, max_codes: int = 1000,
                  prs_top_n: int = 64, seed: int = 0, threads: int | None = None,
                  prs_group_column: str | None = "auto", strict_labels: bool = False) -> BaselineResult:
     """Fit baseline `kind` on train labels (tuned on tuning) and predict the labels of `split`.
@@ -371,6 +370,9 @@ def run_baseline(kind: str, meds_dir: str | Path, labels_path: str | Path, prs_p
     `threads` caps OpenMP/BLAS threads while fitting (None: the libraries' default, all cores);
     on a machine shared with other jobs, 1 is much faster than OpenMP spinning on busy cores.
     """
+    import meds
+    from threadpoolctl import threadpool_limits
+
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r} is not a baseline; choose one of {list(KINDS)}.")
     if kind in ("prs-lr", "counts-gbm-prs") and prs_path is None:
@@ -445,10 +447,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output prediction parquet (MEDS prediction schema)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing --out file (never an input, nor a file inside --meds)")
-    parser.add_argument("--split", default=meds.held_out_split, choices=[meds.train_split, meds.tuning_split,
-                        meds.held_out_split], help="split to predict (default held_out)")
-    parser.add_argument("--min-subjects", type=int, default=20,
-                        help="a code becomes a feature only if seen in this many train subjects (default 20)")
+    parser.add_argument("--split", default="held_out", choices=list(KNOWN_SPLITS),
+                        help="split to predict (default held_out)")
+    parser.add_argument("--min-subjects", type=int, default=MIN_SUBJECTS,
+                        help=f"a code becomes a feature only if seen in this many train subjects (default {MIN_SUBJECTS})")
     parser.add_argument("--max-codes", type=int, default=1000, help="keep at most this many most common codes")
     parser.add_argument("--prs-top-n", type=int, default=64,
                         help="counts-gbm-prs: PRS columns kept, by train |corr| with the label (default 64)")
@@ -470,6 +472,8 @@ def run(args: argparse.Namespace) -> None:
                        threads=args.threads,
                        prs_group_column=None if str(args.prs_group_column).lower() == "none" else args.prs_group_column,
                        strict_labels=args.strict_labels)
+    from ehr_prs.data.predictions import write_predictions
+
     write_predictions(res.predictions, args.out, args.overwrite, source=f"baseline --kind {args.kind}")
     n, pos = res.predictions.height, int(res.predictions["boolean_value"].sum())
     print(f"baseline {args.kind}: {res.n_features} features ({res.detail})")

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 from tqdm.auto import tqdm
 
 from ehr_prs.errors import InputError, atomic_output_dir, check_output
@@ -143,6 +142,8 @@ def shot_label(k: int | None) -> str:
 
 def run_sweep(args: argparse.Namespace) -> dict:
     """Fit and score every (method, K, seed); returns the fewshot.json content and writes DIR."""
+    import torch
+
     import ehr_prs.recipes.finetune as ft
 
     from ehr_prs.data.predictions import write_predictions

@@ -31,28 +31,22 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import meds  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from scipy import sparse  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
-    average_precision_score,
-    brier_score_loss,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
-from tqdm.auto import tqdm  # noqa: E402
-
-from ehr_prs.errors import InputError, atomic_output_dir, check_output  # noqa: E402
-from ehr_prs.data.readers import (  # noqa: E402
+from ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.privacy import MIN_SUBJECTS, small, suppress_cells
+from ehr_prs.data.readers import (
     read_labels, read_meds_dataset, read_prs_table, sex_from_code, subject_sex, warn,
 )
+
+# matplotlib, scipy, scikit-learn and meds are imported inside the functions that use them (~1 s
+# together): `ehr-prs evaluate --help`, and the commands that import this module, need none of them.
+if TYPE_CHECKING:
+    from scipy import sparse
 
 KEY = ["subject_id", "prediction_time"]
 PROB = "predicted_boolean_probability"
@@ -183,6 +177,8 @@ def score_class_counts(score: np.ndarray, y: np.ndarray, units: np.ndarray, n_un
     times these: one sparse product per model and chunk, never a (resamples x rows) array, which
     keeps the subject bootstrap as fast as the row one (units: each row's unit, 0..n_units-1).
     """
+    from scipy import sparse
+
     _, g = np.unique(score, return_inverse=True)
     shape = (n_units, int(g.max()) + 1)
     is_pos = y.astype(bool)
@@ -309,6 +305,8 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -
 
 def point_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     """AUROC, AUPRC (average precision), Brier and ECE; AUROC/AUPRC NaN with a single class."""
+    from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
     two = 0 < y.sum() < y.size
     return {
         "auroc": float(roc_auc_score(y, p)) if two else math.nan,
@@ -327,6 +325,8 @@ def meds_subgroups(meds_dir: str | Path, rows: pl.DataFrame) -> pl.DataFrame:
 
     Sex is F or M from any spelling `readers.sex_from_code` knows (Gender/F, MIMIC's GENDER//F, ...).
     """
+    import meds
+
     ds = read_meds_dataset(meds_dir)
     ids = rows.select("subject_id").unique()
     ev = (ds.scan().join(ids.lazy(), on="subject_id", how="semi")
@@ -359,7 +359,8 @@ def prs_subgroups(prs_path: str | Path, rows: pl.DataFrame) -> pl.DataFrame:
     return out.select(*KEY, *cols)
 
 
-def subgroup_metrics(table: pl.DataFrame, models: list[str], variables: list[str], min_cell: int = 20) -> dict:
+def subgroup_metrics(table: pl.DataFrame, models: list[str], variables: list[str],
+                     min_cell: int = MIN_SUBJECTS) -> dict:
     """{variable: {level: {"n", "n_positive", "suppressed", "models": {model: point metrics}}}}; small cells suppressed."""
     out: dict[str, dict] = {}
     for var in variables:
@@ -367,17 +368,16 @@ def subgroup_metrics(table: pl.DataFrame, models: list[str], variables: list[str
         for (level,), g in sorted(table.group_by([var]), key=lambda kv: _level_key(str(kv[0][0]))):
             n = g.height
             y = g["boolean_value"].to_numpy().astype(np.int8)
-            cell: dict = {"n": small(n, min_cell), "n_positive": small(int(y.sum()), min_cell), "suppressed": n < min_cell}
+            cell: dict = {"n": n, "n_positive": int(y.sum()), "suppressed": n < min_cell}  # counts suppressed below
             if n >= min_cell:
                 cell["models"] = {m: point_metrics(y, g[m].to_numpy()) for m in models}
             out[var][str(level)] = cell
-        for key in ("n", "n_positive"):
-            complementary_suppression(out[var], key, min_cell)
+        suppress_cells(out[var], ("n", "n_positive"), min_cell)
     return out
 
 
 def paired_deltas_by_level(table: pl.DataFrame, var: str, models: list[str], reference: str, n_boot: int,
-                           seed: int, min_cell: int = 20) -> dict:
+                           seed: int, min_cell: int = MIN_SUBJECTS) -> dict:
     """{level: {model: ΔAUROC/ΔAUPRC vs reference, paired bootstrap CI and p}} within each level of `var`.
 
     By genotyped-or-not this tells a PRS effect (a gain in genotyped rows only: the others get the
@@ -414,19 +414,6 @@ def paired_deltas(points: dict[str, dict], boot: dict[str, dict], reference: str
     return out
 
 
-def complementary_suppression(cells: dict[str, dict], key: str, min_cell: int = 20) -> None:
-    """Hide a second count when exactly one level of a variable is suppressed.
-
-    The levels' counts add up to a published total, so a single "<20" could be recovered by
-    subtraction; hiding the next smallest count ("hidden") closes that hole.
-    """
-    suppressed = [lv for lv, c in cells.items() if isinstance(c.get(key), str)]
-    shown = [(c[key], lv) for lv, c in cells.items() if isinstance(c.get(key), int) and c[key] > 0]
-    if len(suppressed) == 1 and shown:
-        _, level = min(shown)
-        cells[level][key] = "hidden"
-
-
 def _level_key(level: str) -> tuple:
     """Age bands in age order, other levels alphabetically, unknown / not genotyped last."""
     if level in AGE_LABELS:
@@ -434,17 +421,12 @@ def _level_key(level: str) -> tuple:
     return (2 if level in ("unknown", "not genotyped") else 1, 0, level)
 
 
-def small(count: int, min_cell: int = 20) -> int | str:
-    """A count to publish: the number, or "<20" (with min_cell 20) when 0 < count < min_cell."""
-    return f"<{min_cell}" if 0 < count < min_cell else int(count)
-
-
 # ----------------------------------------------------------------------------------------
 # PRS alignment
 # ----------------------------------------------------------------------------------------
 
 def prs_deciles(table: pl.DataFrame, prs_path: str | Path, column: str | None, models: list[str],
-                min_cell: int = 20, within: str | None = "auto") -> dict:
+                min_cell: int = MIN_SUBJECTS, within: str | None = "auto") -> dict:
     """Mean predicted risk and observed rate per decile of one PRS column (genotyped rows only).
 
     Deciles are taken within `ancestry` when the table has it (`within="auto"`): raw scores differ
@@ -477,14 +459,27 @@ def prs_deciles(table: pl.DataFrame, prs_path: str | Path, column: str | None, m
 # Figures
 # ----------------------------------------------------------------------------------------
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only; never a display), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_curves(y: np.ndarray, scores: dict[str, np.ndarray], metrics: dict, out: Path) -> list[str]:
     """roc.png and pr.png: one curve per model, the AUROC/AUPRC in the legend."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for m, s in scores.items():
         fpr, tpr, _ = roc_curve(y, s)
@@ -506,6 +501,7 @@ def plot_curves(y: np.ndarray, scores: dict[str, np.ndarray], metrics: dict, out
 
 def plot_calibration(metrics: dict, out: Path, min_cell: int) -> str:
     """calibration.png: reliability diagram (10 equal-count bins; bins under min_cell omitted)."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     top = 0.0
     for m, r in metrics.items():
@@ -525,6 +521,7 @@ def plot_calibration(metrics: dict, out: Path, min_cell: int) -> str:
 
 def plot_prs_deciles(dec: dict, models: list[str], out: Path) -> str:
     """prs_deciles.png: mean predicted risk per PRS decile for each model, observed rate in black."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     rows = [r for r in dec["deciles"] if not r["suppressed"]]
     xs = [r["decile"] for r in rows]
@@ -574,7 +571,7 @@ class EvaluationInputs:
     meds: Path | None = None
     n_bootstrap: int = 1000
     seed: int = 0
-    min_cell: int = 20
+    min_cell: int = MIN_SUBJECTS
     strict_labels: bool = False  # refuse prediction files that do not score the same rows
 
 
@@ -637,7 +634,7 @@ def compute_metrics(inputs: EvaluationInputs) -> tuple[dict, pl.DataFrame]:
 
 
 def small_sample_warnings(n_pos_subjects: int, n_neg_subjects: int, boot_auroc: np.ndarray,
-                          min_cell: int = 20, threshold: int = MIN_SUBJECTS_PER_CLASS) -> list[str]:
+                          min_cell: int = MIN_SUBJECTS, threshold: int = MIN_SUBJECTS_PER_CLASS) -> list[str]:
     """Warnings for intervals that cannot mean much: fewer than `threshold` subjects with a positive
     (or a negative) label, and bootstrap resamples on which AUROC is undefined (boot_auroc NaN).
 
@@ -785,7 +782,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meds", default=None, help="MEDS dataset: age band, sex and race subgroups")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument("--min-cell", type=int, default=20, help="suppress cells with fewer subjects (default 20)")
+    parser.add_argument("--min-cell", type=int, default=MIN_SUBJECTS,
+                        help=f"suppress cells with fewer subjects (default {MIN_SUBJECTS})")
 
 
 def run(args: argparse.Namespace) -> None:

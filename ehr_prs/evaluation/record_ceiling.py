@@ -34,11 +34,9 @@ import argparse
 import json
 from pathlib import Path
 
-import meds
 import numpy as np
 import polars as pl
 
-from ehr_prs.data.predictions import write_predictions
 from ehr_prs.evaluation.baselines import KEY, check_two_classes
 from ehr_prs.errors import InputError, check_output
 from ehr_prs.data.readers import sex_from_code, subject_sex
@@ -64,6 +62,8 @@ def risk_factor_features(events: pl.DataFrame, rows: pl.DataFrame, task: str) ->
     `events` is MEDS (subject_id, time, code, numeric_value); only events with time <= the row's
     prediction time (and timeless ones, for sex) are read. Absent measurements are null.
     """
+    import meds
+
     values, counted = RISK_FACTORS[task]
     keys = rows.select(KEY).unique()
     e = (events.filter(pl.col("code").is_in(values + counted + [meds.birth_code]) | sex_from_code().is_not_null())
@@ -114,6 +114,8 @@ def dense_train_rows(events: pl.DataFrame, task: str, per_subject: int, horizon_
     """Up to `per_subject` labelled prediction times per subject, from the record itself: visit ends
     with MIN_HISTORY_DAYS of record before, the whole horizon inside the record, and no task code
     at or before them; label = a task code within the horizon."""
+    import meds
+
     timed = events.filter(pl.col("time").is_not_null() & (pl.col("code") != meds.birth_code))
     span = timed.group_by("subject_id").agg(pl.col("time").min().alias("start"), pl.col("time").max().alias("end"))
     onset = (timed.filter(pl.col("code").str.starts_with(TASK_CODE_PREFIXES[task])).group_by("subject_id")
@@ -177,11 +179,13 @@ def _read(cohort: Path) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict]
     return events, pl.read_parquet(splits_path), prs, json.loads(traits_path.read_text())
 
 
-def record_ceiling(cohort: str | Path, task: str, split: str = meds.held_out_split, train_rows_per_subject: int = 0,
+def record_ceiling(cohort: str | Path, task: str, split: str = "held_out", train_rows_per_subject: int = 0,
                    horizon_days: int = 730, seed: int = 0) -> tuple[pl.DataFrame, str]:
     """Predictions (MEDS prediction schema columns) for the `split` labels of `task`, and a summary.
 
     C is chosen on the tuning split, so `split` should be held_out (the command's only choice)."""
+    import meds
+
     cohort = Path(cohort)
     if task not in TASKS:
         raise InputError(f"--task {task!r} is not a simulated task; choose one of {list(TASKS)}.")
@@ -225,6 +229,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    import meds
+    from ehr_prs.data.predictions import write_predictions
+
     if args.train_rows_per_subject < 0:
         raise InputError(f"--train-rows-per-subject must be >= 0 (got {args.train_rows_per_subject}).")
     if args.horizon_days <= 0:

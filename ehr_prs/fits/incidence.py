@@ -41,30 +41,23 @@ import argparse
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from ehr_prs.collator import EhrPrsCollator
 from ehr_prs.errors import InputError, atomic_output_file, check_output
+from ehr_prs.privacy import MIN_SUBJECTS  # first occurrences a refit needs in the training split
+
+# torch (and the at-risk pass, which needs it) are imported inside the functions that use them:
+# `ehr-prs incidence-refit --help` and `load_incidence`'s callers do not pay for it at import.
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "ehr-prs incidence refit 1"
 ALPHAS = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # ridge penalties tried (sklearn PoissonRegressor units)
-MIN_SUBJECTS = 20  # first occurrences needed in the training split (the All of Us dissemination rule)
 
 
-def pooled_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(b, s, d) running mean of the final hidden states over the real tokens up to each position.
-
-    hidden: (b, s, d) final (normed) states; mask: (b, s) 1 for real tokens. Padded positions
-    repeat the mean so far (a left-padded row's pads give 0 until its first token).
-    """
-    m = mask.to(hidden.dtype)[..., None]  # (b, s, 1)
-    return torch.cumsum(hidden * m, dim=1) / torch.cumsum(m, dim=1).clamp(min=1.0)
-
-
-@torch.no_grad()
 def onset_statistics(model, rows, target_ids: list[int], start_token: np.ndarray, *, batch_size: int = 16,
                      negative_fraction: float = 0.05, seed: int = 0, max_length: int | None = None,
                      desc: str = "incidence") -> dict[str, np.ndarray]:
@@ -73,46 +66,31 @@ def onset_statistics(model, rows, target_ids: list[int], start_token: np.ndarray
     the number of sequences in which the outcome first occurs after the static prefix, `sequences`, and
     `cut`, the rows left out because the tokenizer cut them to `max_length` (within 3 tokens of it:
     it drops whole events of up to 3 tokens)."""
-    device = next(model.parameters()).device
-    model.eval()
-    target = torch.tensor(sorted(set(target_ids)), device=device)
-    is_target = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-    is_target[target] = True
-    starts = torch.as_tensor(start_token, device=device)
+    import torch
+
+    from ehr_prs.fits.at_risk import at_risk_pass
+
     rng = np.random.default_rng(seed)
     lengths = np.asarray(rows["length"]) if "length" in rows.column_names else np.array([len(x) for x in rows["input_ids"]])
     keep_rows = lengths <= max_length - 3 if max_length else np.ones(len(lengths), dtype=bool)
-    order = np.flatnonzero(keep_rows)[np.argsort(lengths[keep_rows], kind="stable")]  # similar lengths together
-    # The training collator: right padding, and the scores (zeroed for anyone not genotyped) when the rows carry them.
-    collate = EhrPrsCollator(pad_token_id=model.config.pad_token_id or 0, with_labels=False)
+    outcome = np.full(model.config.vocab_size, -1)  # (vocab,) one group: the outcome's codes
+    outcome[sorted(set(target_ids))] = 0
     parts, subjects = [], 0
-    for lo in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-        batch = {k: v.to(device) for k, v in collate(list(rows.select(order[lo : lo + batch_size]))).items()}
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        out = model(**batch, output_hidden_states=True)
-        logits = out.logits.float()  # (b, w, vocab)
-        # P(next token is the outcome), from log-sum-exps: a softmax in float32 can underflow to 0
-        p = (torch.logsumexp(logits[..., target], -1) - torch.logsumexp(logits, -1)).exp().clamp(min=1e-12)  # (b, w)
-        s = pooled_states(out.hidden_states[-1].float(), mask)  # (b, w, d)
-        b, width = ids.shape
-        pos = torch.arange(width, device=device)
-        length = mask.sum(1)  # (b,)
-        is_start = starts[ids] & mask.bool()
-        start = torch.where(is_start.any(1), is_start.float().argmax(1), torch.ones_like(length))  # (b,)
-        hit = is_target[ids] & (pos[None] >= start[:, None]) & mask.bool()  # (b, w) outcome tokens after the prefix
-        first = torch.where(hit.any(1), hit.float().argmax(1), length)  # (b,) first occurrence, or the length
-        subjects += int(hit.any(1).sum())
-        # Position t predicts token t + 1: at risk from start - 1 up to the token before the first occurrence.
-        at_risk = (pos[None] >= start[:, None] - 1) & (pos[None] < first[:, None]) & (pos[None] < length[:, None] - 1)
-        y = torch.zeros_like(at_risk)
-        y[:, :-1] = hit[:, 1:]
-        y &= at_risk
+    # The model reads the scores when the rows carry them (zeroed for anyone not genotyped): the
+    # offset is the model's own onset probability for this person.
+    for batch in at_risk_pass(model, rows.select(np.flatnonzero(keep_rows)), outcome, 1, start_token,
+                              batch_size=batch_size, with_summary=True, desc=desc):
+        # clamped: a Poisson offset log p must stay finite (the log-sum-exp gives p > 0, float32 may round it to 0)
+        p = batch.log_p[..., 0].exp().clamp(min=1e-12)  # (b, w)
+        at_risk, y = batch.at_risk()[..., 0], batch.events()[..., 0]  # (b, w): y only where at risk
+        subjects += int(batch.occurs.sum())
         # draws over the real width only (not the collator's rounding-up), so a seed picks the same positions
+        b, width = at_risk.shape
         draw = np.ones((b, width))
-        real = int(length.max())
+        real = int(batch.length.max())
         draw[:, :real] = rng.random((b, real))
-        keep = at_risk & (y | torch.from_numpy(draw < negative_fraction).to(device))
-        parts.append((s[keep].cpu(), p[keep].double().cpu(), y[keep].double().cpu()))
+        keep = at_risk & (y | torch.from_numpy(draw < negative_fraction).to(at_risk.device))
+        parts.append((batch.summary[keep].cpu(), p[keep].double().cpu(), y[keep].double().cpu()))
     s, p, y = (torch.cat([q[i] for q in parts]).numpy() if parts else np.zeros(0) for i in range(3))
     weight = np.where(y > 0, 1.0, 1.0 / negative_fraction)
     return {"s": s, "p": p, "y": y, "weight": weight, "subjects": subjects, "sequences": int(keep_rows.sum()),
@@ -175,6 +153,7 @@ def fit_incidence(train: dict, tuning: dict | None, alphas: tuple[float, ...] = 
 def save_incidence(path: str | Path, weight: np.ndarray, bias: float, tokens: list[str], report: dict,
                    overwrite: bool = False) -> None:
     """Write w and b as safetensors, the outcome tokens and the report as its metadata."""
+    import torch
     from safetensors.torch import save_file
 
     tensors = {"weight": torch.tensor(weight, dtype=torch.float32), "bias": torch.tensor([bias], dtype=torch.float32)}
@@ -247,6 +226,7 @@ def run(args: argparse.Namespace) -> None:
     import datasets
 
     from ehr_prs.checkpoints import load_model_and_tokenizer
+    from ehr_prs.fits.at_risk import start_tokens
 
     check_incidence_output(args.out, args.model, args.data, args.overwrite)
     if not 0 < args.negative_fraction <= 1:
@@ -259,7 +239,7 @@ def run(args: argparse.Namespace) -> None:
     if not (data / "train").is_dir():
         raise InputError(f"--data {data}: no train/ split (expected the output folder of `ehr-prs tokenize`)")
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    start_token = np.array([t.startswith(("AGE/", "TIME/")) for t in tokens])
+    start_token = start_tokens(tokens)  # (vocab,) the age and time tokens that end the static prefix
     stats = {}
     for split in ("train", "tuning"):
         if (data / split).is_dir():

@@ -1,19 +1,23 @@
-"""Fit the `logit_bias` genomic adapter in closed form on a frozen causal LM.
+"""Fit the `logit_bias` genomic adapter in closed form on a frozen causal LM (`ehr-prs fit-logit-bias`).
 
-    ehr-prs pretrain --data runs/tok --init-from runs/ehr_only --prs-fusion logit_bias \
-        --freeze-backbone --output-dir runs/ehr_logit_bias
+    ehr-prs fit-logit-bias --model runs/ehr_only --data runs/tok --output-dir runs/ehr_logit_bias
+
+The command's flags are in ehr_prs/fits/logit_bias_command.py; the folder is written by the
+pretraining recipe's writer (ehr_prs.recipes.train.write_logit_bias_fit). `ehr-prs pretrain
+--init-from M --freeze-backbone --prs-fusion logit_bias` is its deprecated alias.
 
 Why not gradient steps: a person's genetic liability for a disease shows in one token of their
 record (the disease's first code) among hundreds, so language-model gradients carry almost none
 of it: on the demo cohort, 300 adapter steps learned 1/30 to 1/100 of the simulated T2D effect
-(README, Results). With the backbone frozen, the adapter's job is a regression that can be
+(docs/experiments/2026-11-30-demo.md). With the backbone frozen, the adapter's job is a regression that can be
 solved directly from one forward pass over the training split:
 
-1. `incidence_stats`: for each genotyped sequence i and code family f (a MEDS code up to its
-   first '.', so ICD10CM/E11.9 and ICD10CM/E11.65 are one disease, whichever subcode records it
-   first), n[i, f] = 1 if the family first occurs after the static prefix, and E[i, f] = the
-   frozen model's next-token probability of the family summed over the positions up to that
-   first occurrence (or over the whole sequence): the expected number of first occurrences.
+1. `incidence_stats` (the at-risk pass of ehr_prs/fits/at_risk.py, which the incidence refit shares):
+   for each genotyped sequence i and code family f (a MEDS code up to its first '.', so
+   ICD10CM/E11.9 and ICD10CM/E11.65 are one disease, whichever subcode records it first),
+   n[i, f] = 1 if the family first occurs after the static prefix, and E[i, f] = the frozen
+   model's next-token probability of the family summed over the positions up to that first
+   occurrence (or over the whole sequence): the expected number of first occurrences.
 2. `fit_poisson_low_rank`: Poisson regression of n on the standardised scores S with offset
    log E and a per-family intercept (dropped afterwards: see the function), all families at
    once, W = A @ B (families x r, r x n_prs), penalty lam/2 (|A|^2 + |B|^2)
@@ -41,6 +45,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ehr_prs.fits.at_risk import at_risk_pass, start_tokens
+from ehr_prs.privacy import MIN_SUBJECTS
+
 FAMILY_SEPARATOR = "."
 LAMBDA_FRACTIONS = (0.4, 0.2, 0.1, 0.05, 0.025)  # lam = fraction x genotyped training sequences
 REFIT_FRACTIONS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005)  # stage 2's per-family ridge penalties, same units
@@ -54,57 +61,24 @@ def code_families(tokens: list[str], is_code) -> tuple[np.ndarray, list[str]]:
     return family, names
 
 
-@torch.no_grad()
 def incidence_stats(model, rows, token_family: np.ndarray, n_families: int, start_token: np.ndarray,
                     batch_size: int = 16, max_length: int | None = None, desc: str = "stats"):
     """(S, n, E) for the genotyped rows of a tokenized split: scores (N, n_prs) and (N, F) arrays.
 
     `start_token` (vocab,) bool marks the tokens that end the static prefix (the age and time
     tokens): a family is at risk from the first of them on, so static facts never count as events.
+    E is the backbone's: the model runs without the scores, so an adapter it already has (a refit
+    of a logit-bias checkpoint) does not enter the offset it is fitted against.
     """
     rows = rows.select(np.flatnonzero(np.asarray(rows["prs_mask"], dtype=bool)))  # genotyped only
-    n_rows = len(rows)
-    device = next(model.parameters()).device
-    fam = torch.as_tensor(token_family, device=device)
-    code_cols = (fam >= 0).nonzero().squeeze(1)  # (codes,)
-    code_fam = fam[code_cols]
-    starts = torch.as_tensor(start_token, device=device)
     S = np.asarray(rows["prs"], dtype=np.float32)
-    n = np.zeros((n_rows, n_families), dtype=np.float32)
-    E = np.zeros((n_rows, n_families), dtype=np.float32)
-    order = np.argsort(np.asarray(rows["length"]) if "length" in rows.column_names
-                       else [len(x) for x in rows["input_ids"]])
-    model.eval()
-    for lo in tqdm(range(0, n_rows, batch_size), desc=desc, unit="batch"):
-        idx = order[lo:lo + batch_size]
-        seqs = [list(rows[int(i)]["input_ids"]) for i in idx]
-        if max_length is not None:
-            seqs = [s[-max_length:] for s in seqs]
-        b, width = len(seqs), max(len(s) for s in seqs)
-        ids = torch.zeros(b, width, dtype=torch.long, device=device)
-        mask = torch.zeros(b, width, dtype=torch.long, device=device)
-        for j, s in enumerate(seqs):
-            ids[j, :len(s)] = torch.tensor(s, device=device)
-            mask[j, :len(s)] = 1
-        probs = torch.softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)  # (b, w, vocab)
-        p_fam = probs.new_zeros(b, width, n_families).index_add_(2, code_fam, probs[:, :, code_cols])  # (b, w, F)
-        lengths = mask.sum(1)  # (b,)
-        pos = torch.arange(width, device=device)
-        is_start = starts[ids] & mask.bool()
-        start = torch.where(is_start.any(1), is_start.float().argmax(1), torch.ones_like(lengths))  # (b,)
-        # Position t predicts token t + 1: at risk from t = start - 1 to the row's last token - 1.
-        at_risk = (pos[None] >= start[:, None] - 1) & (pos[None] < lengths[:, None] - 1)  # (b, w)
-        cum = torch.cumsum(p_fam * at_risk[..., None], dim=1)  # (b, w, F)
-        tok_fam = fam[ids]  # (b, w)
-        counted = (pos[None] >= start[:, None]) & mask.bool() & (tok_fam >= 0)
-        first = torch.full((b, n_families + 1), width, dtype=torch.long, device=device)
-        first.scatter_reduce_(1, torch.where(counted, tok_fam, n_families), pos.expand(b, width), reduce="amin")
-        first = first[:, :n_families]  # (b, F): token position of the family's first occurrence, width if none
-        occurs = first < width
-        upto = torch.where(occurs, first - 1, torch.full_like(first, width - 1))  # last position at risk
-        expected = cum.gather(1, upto[:, None, :]).squeeze(1)  # (b, F)
-        n[idx] = occurs.float().cpu().numpy()
-        E[idx] = expected.cpu().numpy()
+    n = np.zeros((len(rows), n_families), dtype=np.float32)
+    E = np.zeros((len(rows), n_families), dtype=np.float32)
+    for batch in at_risk_pass(model, rows, token_family, n_families, start_token, batch_size=batch_size,
+                              max_length=max_length, with_prs=False, desc=desc):
+        n[batch.index] = batch.occurs.float().cpu().numpy()
+        # (b, F) expected first occurrences: the family's probability summed over the positions at risk
+        E[batch.index] = (batch.log_p.exp() * batch.at_risk()).sum(1).cpu().numpy()
     return np.nan_to_num(S), n, E
 
 
@@ -207,7 +181,7 @@ def refit_per_family(S, n, E, B: torch.Tensor, tuning, fractions=REFIT_FRACTIONS
     return best_A, best_gain
 
 
-def fit_logit_bias(model, tokenizer, train_rows, tuning_rows, *, min_subjects: int = 20,
+def fit_logit_bias(model, tokenizer, train_rows, tuning_rows, *, min_subjects: int = MIN_SUBJECTS,
                    batch_size: int = 16, max_length: int | None = None, prs_columns: list[str] | None = None,
                    lambda_fractions: tuple[float, ...] = LAMBDA_FRACTIONS, seed: int = 0) -> dict:
     """Fit model.prs_logit_bias (in place) on the frozen decoder; returns the fit report (JSON-able)."""
@@ -216,7 +190,7 @@ def fit_logit_bias(model, tokenizer, train_rows, tuning_rows, *, min_subjects: i
         raise ValueError("fit_logit_bias needs a model with prs_fusion='logit_bias'")
     tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     family, names = code_families(tokens, tokenizer._is_code)
-    start_token = np.array([t.startswith(("AGE/", "TIME/")) for t in tokens])
+    start_token = start_tokens(tokens)
     S, n, E = incidence_stats(model, train_rows, family, len(names), start_token, batch_size, max_length,
                               desc="logit_bias: train split")
     incident = n.sum(0)
@@ -290,5 +264,16 @@ def fit_logit_bias(model, tokenizer, train_rows, tuning_rows, *, min_subjects: i
     return report
 
 
+def describe(report: dict) -> str:
+    """The fit's report in one line: what it fitted, the penalty path, the families with the largest gains."""
+    gains = {p["lambda"]: p.get("tuning_gain_nats") for p in report.get("penalty_path", [])}
+    top = [f"{f['family']} {f['tuning_gain_nats']}" for f in report.get("families", [])[:5]]
+    return (f"logit_bias fitted in closed form on {report['genotyped_train_sequences']:,} genotyped sequences, "
+            f"{report['families_fitted']} code families; tuning log-likelihood gain (nats) by penalty {gains}, "
+            f"chosen {report['chosen_lambda']}; refitted per family: {report.get('families_with_an_effect')} "
+            f"families with an effect, largest gains: {', '.join(top)}"
+            + (f"; {report['note']}" if "note" in report else ""))
+
+
 __all__ = ["code_families", "incidence_stats", "fit_poisson_low_rank", "refit_per_family", "poisson_nll",
-           "fit_logit_bias"]
+           "fit_logit_bias", "describe"]

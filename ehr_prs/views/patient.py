@@ -41,15 +41,20 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import torch
 
 from ehr_prs.errors import InputError, input_errors, atomic_output_dir, atomic_output_file, check_output
 from ehr_prs.data.readers import STRICT_LABELS_HELP, sex_from_code, subject_sex
+from ehr_prs.privacy import MIN_SUBJECTS
 
-MIN_CELL = 20  # All of Us: no group of fewer than 20 people is summarised on a page
+# torch (and plotly, the model) are imported inside the functions that use them: `ehr-prs view --help`
+# needs none of them.
+if TYPE_CHECKING:
+    import torch
+
 SAMPLING_METHODS = ("survival", "path", "mc")
 NOTICE = ("A model's forecast, not a diagnosis. This page shows one person's health record and what a "
           "statistical model predicts from it; it is confidential: keep it inside the data's secure "
@@ -160,9 +165,11 @@ class Forecaster:
     def curves(self, prompts: list[list[int]], prs: torch.Tensor | None, prs_mask: torch.Tensor | None,
                samples: int | None = None) -> Curves:
         """Risk at every horizon for each prompt (rows in order; row i samples with the numbers of (seed, i))."""
+        import torch
+
         hs = self.horizons
         if self.method == "hazard":
-            from ehr_prs.time_to_event import hazard_risk
+            from ehr_prs.risk.hazard import hazard_risk
 
             risk = hazard_risk(self.model, prompts, self.family_idx, hs, prs, prs_mask, self.tokenizer.pad_token_id,
                                progress=False)
@@ -193,6 +200,8 @@ def genomic_weights(model, method: str, family_idx, target_ids: list[int], promp
     are not linear: the gradient, at the average genome, of the log-probability that the next event
     is an outcome code, for this person's history.
     """
+    import torch
+
     if method == "hazard":
         shift = model.tte_head.hazard_shift
         w = (shift.up.detach()[list(family_idx)].float() @ shift.down.weight.detach().float()).mean(0)
@@ -326,7 +335,6 @@ def bin_range(edges: list[float], q: int) -> str:
     return f"in [{lo}, {hi})"
 
 
-@torch.no_grad()
 def sample_futures(model, tokenizer, prompt: list[int], prs, prs_mask, n: int, max_new_tokens: int, seed: int,
                    horizon_days: float, target_ids: set[int], stop_ids: list[int]) -> list[list[dict]]:
     """`n` futures from the generative model (raw distribution), each a list of events up to the horizon.
@@ -335,6 +343,8 @@ def sample_futures(model, tokenizer, prompt: list[int], prs, prs_mask, n: int, m
     range, or None), "target": whether it is an outcome code}. A path ends at the horizon, at
     end-of-record or death, or after `max_new_tokens`.
     """
+    import torch
+
     if n <= 0:
         return []
     device = next(model.parameters()).device
@@ -343,9 +353,10 @@ def sample_futures(model, tokenizer, prompt: list[int], prs, prs_mask, n: int, m
     if prs is not None:
         kw = {"prs": prs[None].to(device), "prs_mask": prs_mask.reshape(1).to(device)}
     torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
-                         temperature=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids), **kw)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                             temperature=1.0, max_new_tokens=max_new_tokens, num_return_sequences=n,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids), **kw)
     futures = []
     days_of = tokenizer.token_days
     for seq in out[:, len(prompt):].tolist():
@@ -712,8 +723,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cohort-rows", type=int, default=100,
                         help="people of the same age band and sex averaged for the cohort curve (default 100; 0: none)")
     parser.add_argument("--cohort-samples", type=int, default=4, help="sampled futures per cohort person (sampling)")
-    parser.add_argument("--min-cell", type=int, default=MIN_CELL,
-                        help="no group average of fewer people than this (default 20, the All of Us rule)")
+    parser.add_argument("--min-cell", type=int, default=MIN_SUBJECTS,
+                        help=f"no group average of fewer people than this (default {MIN_SUBJECTS}, the All of Us rule)")
     parser.add_argument("--futures", type=int, default=3, help="sampled futures decoded on the page (default 3)")
     parser.add_argument("--measurements", nargs="+", metavar="CODE",
                         help="numeric codes to chart (default: the person's 6 most measured); CODE* is a prefix")
@@ -789,6 +800,8 @@ def _single_row(args, meds) -> tuple[pl.DataFrame, str]:
 
 
 def run(args: argparse.Namespace) -> None:
+    import torch
+
     from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
     from ehr_prs.checkpoints import load_model_and_tokenizer
     from ehr_prs.risk.sampling import DEATH_CODE
@@ -854,7 +867,7 @@ def run(args: argparse.Namespace) -> None:
         rows, split = selection.rows.head(args.rows), args.split
     warn_if_prs_not_given(config.n_prs if config.reads_prs else 0, prs, args.model)
 
-    prefix = config.prs_tokens if config.prs_fusion == "prefix" else 0
+    prefix = config.num_prefix_tokens
     room = 0 if method == "hazard" else args.max_new_tokens
     max_prompt = max(16, config.max_position_embeddings - prefix - room)  # as `ehr-prs risk`
 

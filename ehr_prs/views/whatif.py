@@ -19,7 +19,7 @@ sampling noise). Writes, in --out:
 
 The All of Us rule: a group or decile cell of fewer than `--min-cell` (20) rows is suppressed, counts
 under 20 are printed as "<20", and where exactly one level of a variable is suppressed the next
-smallest count is hidden too (complementary suppression, `evaluation.complementary_suppression`).
+smallest count is hidden too (complementary suppression, `ehr_prs.privacy.suppress_cells`).
 An observed event rate is printed only where both the events and the non-events number at least
 `--min-cell` (rate x n would give back a small count).
 """
@@ -31,25 +31,21 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import polars as pl
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from ehr_prs.errors import InputError, atomic_output_dir, check_output  # noqa: E402
-from ehr_prs.evaluation.metrics import (  # noqa: E402
+from ehr_prs.errors import InputError, atomic_output_dir, check_output
+from ehr_prs.evaluation.metrics import (
     KEY,
     _level_key,
-    complementary_suppression,
     load_predictions,
     paired_deltas_by_level,
     point_metrics,
     prs_subgroups,
-    small,
+    pyplot,  # matplotlib on first use, not at import: `ehr-prs whatif --help` stays fast
 )
-from ehr_prs.data.readers import read_prs_table, warn  # noqa: E402
+from ehr_prs.privacy import MIN_SUBJECTS, small, suppress_cells
+from ehr_prs.data.readers import read_prs_table, warn
 
 WITH, WITHOUT = "with genotype", "genotype removed"
 
@@ -66,8 +62,8 @@ def by_ancestry(table: pl.DataFrame, min_cell: int, n_boot: int, seed: int) -> d
     deltas = paired_deltas_by_level(table, "ancestry", [WITH, WITHOUT], WITHOUT, n_boot, seed, min_cell)
     for (level,), g in sorted(table.group_by(["ancestry"]), key=lambda kv: _level_key(str(kv[0][0]))):
         y = g["boolean_value"].to_numpy().astype(np.int8)
-        cell: dict = {"n": small(g.height, min_cell), "n_positive": small(int(y.sum()), min_cell),
-                      "suppressed": g.height < min_cell}
+        # n and n_positive stay raw here: suppress_cells below applies the primary and complementary rule.
+        cell: dict = {"n": g.height, "n_positive": int(y.sum()), "suppressed": g.height < min_cell}
         if not cell["suppressed"]:
             for name, key in ((WITH, "with"), (WITHOUT, "without")):
                 p = g[name].to_numpy()
@@ -79,8 +75,7 @@ def by_ancestry(table: pl.DataFrame, min_cell: int, n_boot: int, seed: int) -> d
             cell["p_auroc"] = d["p_auroc"] if d else None
             cell["observed"] = float(y.mean()) if _rate_shown(y, min_cell) else None
         out[str(level)] = cell
-    for key in ("n", "n_positive"):
-        complementary_suppression(out, key, min_cell)
+    suppress_cells(out, ("n", "n_positive"), min_cell)
     return out
 
 
@@ -105,13 +100,13 @@ def deciles(table: pl.DataFrame, prs_frame: pl.DataFrame, column: str, min_cell:
         for d in range(1, 11):
             c = g.filter(pl.col("decile") == d)
             y = c["boolean_value"].to_numpy().astype(np.int8)
-            cell: dict = {"decile": d, "n": small(c.height, min_cell), "suppressed": c.height < min_cell}
+            cell: dict = {"decile": d, "n": c.height, "suppressed": c.height < min_cell}  # n suppressed below
             if not cell["suppressed"]:
                 cell["mean_with"] = float(c[WITH].mean())
                 cell["mean_without"] = float(c[WITHOUT].mean())
                 cell["observed"] = float(y.mean()) if _rate_shown(y, min_cell) else None
             cells[str(d)] = cell
-        complementary_suppression(cells, "n", min_cell)
+        suppress_cells(cells, ("n",), min_cell)
         out[str(level)] = list(cells.values())
     return out
 
@@ -173,6 +168,7 @@ def render(res: dict) -> str:
 
 
 def plot_deciles(res: dict, out: Path) -> str:
+    plt = pyplot()
     groups = [(lv, [c for c in cells if not c["suppressed"]]) for lv, cells in res["deciles"].items()]
     groups = [(lv, cells) for lv, cells in groups if cells]
     n = max(1, len(groups))
@@ -202,6 +198,7 @@ def plot_deciles(res: dict, out: Path) -> str:
 
 
 def plot_auroc(res: dict, out: Path) -> str:
+    plt = pyplot()
     shown = [(lv, c) for lv, c in res["by_ancestry"].items() if not c["suppressed"]]
     fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(shown) + 2), 3.8))
     for i, (lv, c) in enumerate(shown):
@@ -232,7 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prs-column", help="score whose deciles are shown (default: the first score column)")
     parser.add_argument("--out", required=True, help="output folder: whatif.json, whatif.md, whatif_*.png")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input)")
-    parser.add_argument("--min-cell", type=int, default=20, help="suppress groups and cells of fewer rows (default 20)")
+    parser.add_argument("--min-cell", type=int, default=MIN_SUBJECTS,
+                        help=f"suppress groups and cells of fewer rows (default {MIN_SUBJECTS})")
     parser.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for ΔAUROC (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--strict-labels", action="store_true",
