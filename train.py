@@ -493,6 +493,58 @@ def trainer_callbacks(args: PretrainArguments, out_dir: Path) -> list[TrainerCal
     return [TokensPerSecond(), FiniteGuard(args, out_dir)]
 
 
+def trainer_class() -> type[Trainer]:
+    """Trainer, saving a model that FSDP2 has sharded as the model's own class.
+
+    FSDP2's `fully_shard` swaps the model's class for a subclass generated in torch
+    (`FSDPEhrPrsForCausalLM`); `save_pretrained` would then copy torch's `_fsdp_*.py` into the folder
+    instead of `modeling_ehr_prs.py` and write that class into config.json's auto_map, so the folder
+    would not load as remote code. While rank 0 writes the full state dict it already gathered
+    (save_pretrained takes no collective step then), the model is its own class again, and the tied
+    LM head is written once, as a one-process run writes it.
+    """
+    from transformers import Trainer
+
+    class EhrPrsTrainer(Trainer):
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            import torch
+            from torch.distributed.fsdp import FSDPModule
+
+            model, sharded = self.model, type(self.model)
+            if not isinstance(model, FSDPModule):
+                return super()._save(output_dir, state_dict)
+            # The gathered state dict holds tied weights as separate copies, which save_pretrained (it
+            # finds ties by shared storage) would write twice: keep the source only, as a one-process run.
+            if state_dict and getattr(model.config, "tie_word_embeddings", False):
+                for target, source in (model._tied_weights_keys or {}).items():
+                    if target in state_dict and source in state_dict and torch.equal(state_dict[target],
+                                                                                     state_dict[source]):
+                        del state_dict[target]
+            model.__class__ = next(c for c in sharded.__mro__[1:] if not issubclass(c, FSDPModule))
+            try:
+                return super()._save(output_dir, state_dict)
+            finally:
+                model.__class__ = sharded
+
+    return EhrPrsTrainer
+
+
+def check_sharding(trainer: Trainer) -> None:
+    """Refuse an FSDP launch that accelerate would quietly run as plain data parallel.
+
+    accelerate (1.16) shards with FSDP only on accelerator devices: on CPU an FSDP config
+    (`distributed_type: FSDP`) starts the processes, then each keeps a whole model and optimizer
+    (DDP over gloo), which is not what the config asked for.
+    """
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not trainer.is_fsdp_enabled:
+        raise InputError(
+            "this run was launched with an FSDP accelerate config (distributed_type: FSDP, e.g. configs/fsdp.yaml), "
+            "but accelerate shards models with FSDP only on GPUs (and other accelerators) and no GPU is visible: it "
+            "would run plain data parallel instead. Launch CPU runs with configs/cpu_2proc.yaml, or FSDP on GPU nodes"
+        )
+
+
 def close_progress_bars(trainer: Trainer) -> None:
     """Close Trainer's tqdm bars, which an exception raised inside training leaves open mid-line."""
     for callback in trainer.callback_handler.callbacks:
@@ -545,7 +597,7 @@ class PreparedRun:
 def prepare(args: PretrainArguments, callbacks: list[TrainerCallback] | None = None) -> PreparedRun:
     """Check the inputs and --output-dir, build (or extend) the model, make the Trainer; no step taken."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from modeling_ehr_prs.configuration_ehr_prs import PRESETS, PRS_FUSIONS
     from ehr_prs.collator import EhrPrsCollator
 
@@ -622,7 +674,7 @@ def prepare(args: PretrainArguments, callbacks: list[TrainerCallback] | None = N
     )
     collator = EhrPrsCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_seq_length,
                               **tte_collator_fields(model.config, tokenizer))
-    trainer = Trainer(
+    trainer = trainer_class()(
         model=model,
         args=training_args,
         data_collator=collator,
@@ -631,6 +683,7 @@ def prepare(args: PretrainArguments, callbacks: list[TrainerCallback] | None = N
         processing_class=tokenizer,
         callbacks=[*trainer_callbacks(args, out_dir), *(callbacks or [])],
     )
+    check_sharding(trainer)
     return PreparedRun(args=args, data_dir=data_dir, out_dir=out_dir, tokenizer=tokenizer, model=model,
                        trainer=trainer, train_ds=train_ds, full_tuning=full_tuning, max_seq_length=max_seq_length,
                        resume_from=resume_from)
@@ -657,7 +710,7 @@ def finish(run: PreparedRun, result, elapsed: float, fit_report: dict | None = N
         raise TrainingDiverged(f"the tuning loss of the trained model is {eval_metrics['eval_loss']}: no final "
                                f"model was written to {out_dir}; lower --learning-rate and rerun with --overwrite")
 
-    trainer.save_model(str(out_dir))  # every process calls it (distributed saving); rank 0 writes
+    save_final_model(trainer, out_dir)  # every process calls it (distributed saving); rank 0 writes
     if trainer.is_world_process_zero():
         write_final_folder(trainer, run.tokenizer, run.args, run.data_dir, out_dir, result, eval_metrics, elapsed,
                            fit_report)
@@ -676,6 +729,22 @@ def train(args: PretrainArguments, callbacks: list[TrainerCallback] | None = Non
     t0 = time.perf_counter()
     result = run_trainer(run)
     return finish(run, result, time.perf_counter() - t0)
+
+
+def save_final_model(trainer: Trainer, out_dir: Path) -> None:
+    """Write the trained weights as one ordinary safetensors folder, whatever the FSDP state-dict type.
+
+    With `fsdp_state_dict_type: SHARDED_STATE_DICT` (configs/fsdp.yaml: checkpoints as per-rank shards,
+    cheap to write and resume at scale) Trainer.save_model writes no weights and no config at all; the
+    final folder must load with `from_pretrained`, so the full state dict is gathered onto rank 0 here
+    (every process takes part) and saved like a one-process run's.
+    """
+    fsdp = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
+    if fsdp is None or "FULL_STATE_DICT" in str(fsdp.state_dict_type):
+        trainer.save_model(str(out_dir))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    trainer._save(str(out_dir), state_dict=state_dict)
 
 
 def write_logit_bias_fit(run: PreparedRun) -> Path:

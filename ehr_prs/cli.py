@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "risk": ("ehr_prs.risk.command", "zero-shot risk of target codes within a horizon, from sampled futures or the time-to-event head (--method hazard)"),
     "fit-logit-bias": ("ehr_prs.fits.logit_bias_command", "fit the PRS logit-bias adapter in closed form on a frozen model (one pass over the training split, no gradient steps)"),
     "incidence-refit": ("ehr_prs.fits.incidence", "refit an outcome's onset rate on the frozen model's history summary (for risk --incidence-refit)"),
+    "hazard-refit": ("ehr_prs.fits.hazard_refit", "refit the time-to-event head's hazard of an outcome on the frozen model, without labels (for risk --method hazard --hazard-refit)"),
     "record-ceiling": ("ehr_prs.evaluation.record_ceiling", "simulated cohorts: a logistic regression told the true risk factors, to show how much of the true risk the record reveals"),
     "omop-to-meds": ("ehr_prs.data.omop", "OMOP CDM tables -> MEDS 0.4 dataset with train/tuning/held_out splits"),
     "baseline": ("ehr_prs.evaluation.baselines", "PRS-only logistic regression and count-feature GBMs (with/without PRS)"),

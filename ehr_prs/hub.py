@@ -172,7 +172,7 @@ def model_files(model_dir: str | os.PathLike) -> dict[str, list[str]]:
                          "re-save the model after `import modeling_ehr_prs`.")
     if "auto_map" not in tok_config:
         raise InputError(f"--model {folder}: tokenizer_config.json has no auto_map; re-save the tokenizer after "
-                         "`import tokenizer` so AutoTokenizer can load it with trust_remote_code=True.")
+                         "`import modeling_ehr_prs` so AutoTokenizer can load it with trust_remote_code=True.")
     code = sorted(set(_auto_map_files(config["auto_map"], folder, "config.json"))
                   | set(_auto_map_files(tok_config["auto_map"], folder, "tokenizer_config.json")))
     vocab = ["ehr_vocab.json"]  # EhrTokenizer.vocab_files_names

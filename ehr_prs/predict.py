@@ -32,6 +32,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from ehr_prs import sharded
 from ehr_prs.errors import InputError, check_output
 from ehr_prs.data.readers import STRICT_LABELS_HELP
 
@@ -236,11 +237,12 @@ def score_head(model) -> torch.nn.Linear:
 
 
 def predict_proba(model, dataset, pad_token_id: int, batch_size: int = 32, max_length: int | None = None,
-                  progress: bool = True, desc: str = "predict", return_features: bool = False):
+                  progress: bool = True, desc: str = "predict", return_features: bool = False, on_rows=None):
     """P(label) for every dataset row, in row order: sigmoid of the classifier's one logit. Shape (rows,).
 
     return_features: also return what the `score` head reads (the pooled last-token state, (rows, d)),
-    captured by a hook so it is exactly the classifier's own pooling.
+    captured by a hook so it is exactly the classifier's own pooling. on_rows(n): called after each
+    batch with its row count (the sharded run's progress bar, ehr_prs.sharded).
     """
     import torch
 
@@ -262,6 +264,8 @@ def predict_proba(model, dataset, pad_token_id: int, batch_size: int = 32, max_l
             with torch.no_grad():
                 logits = model(**batch).logits[:, 0].float()  # (b,)
             out[idx] = torch.sigmoid(logits).cpu().numpy()
+            if on_rows is not None:
+                on_rows(len(idx))
             if hook is not None:
                 pooled = captured.pop()  # (b, d)
                 if features is None:
@@ -301,22 +305,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int,
                         help="cap on event tokens per input (default: the one used in finetune, else the context)")
     parser.add_argument("--strict-labels", action="store_true", help=STRICT_LABELS_HELP)
+    sharded.add_arguments(parser, default_chunk_rows=2048)
 
 
 def run(args: argparse.Namespace) -> None:
+    """Predict the label rows of --split and write --out; under torchrun / accelerate launch the rows are
+    split across the processes and merged into the same file (ehr_prs.sharded; --resume after a crash)."""
     from ehr_prs.data.predictions import write_predictions
     from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
     from ehr_prs.tokenizer.prediction_inputs import warn_if_prs_not_given
 
-    check_output(args.out, {"--model": args.model, "--adapter": args.adapter, "--meds": args.meds, "--prs": args.prs,
-                            "--labels": args.labels}, args.overwrite, kind="file")
+    inputs = {"--model": args.model, "--adapter": args.adapter, "--meds": args.meds, "--prs": args.prs,
+              "--labels": args.labels}
+    check_output(args.out, inputs, args.overwrite, kind="file")
+    # The parts folder's rules (--resume / --overwrite) are checked here too, before any heavy work.
+    scoring = sharded.ShardedScoring(args.out, inputs, args.resume, args.overwrite, args.chunk_rows, "predict",
+                                     sharded.run_settings(args))
     model, tokenizer, standardizer, summary = load_for_prediction(args.model, args.adapter)
+    model.to(scoring.device)
     meds = read_meds_dataset(args.meds)
     if args.split not in meds.splits:
         raise InputError(f"--split {args.split!r}: {args.meds} has splits {meds.splits}")
     # The shared label policy: unscorable rows dropped with one warning (or refused with --strict-labels).
     selection = select_label_rows(meds, read_labels(args.labels), [args.split], args.labels, args.strict_labels)
-    print(selection.summary())
+    if scoring.is_main:
+        print(selection.summary())
     labels = selection.rows
     prs = read_prs_table(args.prs) if args.prs else None
     warn_if_prs_not_given(model_n_prs(model), prs, args.model)
@@ -324,9 +337,22 @@ def run(args: argparse.Namespace) -> None:
     cap = args.max_length if args.max_length is not None else summary.get("args", {}).get("max_length")
     max_length = classifier_max_length(model.config, cap, tokenizer)
     data = task_inputs(meds, labels, tokenizer, standardizer, prs, args.split, max_length)
-    probability = predict_proba(model, data, tokenizer.pad_token_id, args.batch_size, max_length)
+
+    def score_chunk(rows: np.ndarray, on_rows) -> dict[str, np.ndarray]:
+        # rows come in predict_proba's own (length) order and in whole batches: the same batches as one pass
+        return {"probability": predict_proba(model, data.select(rows), tokenizer.pad_token_id, args.batch_size,
+                                             max_length, progress=False, on_rows=on_rows)}
+
+    merged = scoring.score({"subject_id": np.asarray(data["subject_id"], dtype=np.int64),
+                            "prediction_time": data.with_format("arrow")["prediction_time"].to_numpy()},
+                           np.asarray(data["length"]), args.batch_size, score_chunk, desc="predict",
+                           derived={"max_length": max_length})
+    if merged is None:  # another process merges and writes --out
+        return
+    probability = merged["probability"]
     frame = prediction_frame(data, probability)
     write_predictions(frame, args.out, args.overwrite,
                       source=f"--model {args.model}" + (f" --adapter {args.adapter}" if args.adapter else ""))
+    scoring.finish()
     print(f"wrote {args.out}: {frame.height} predictions for split {args.split} "
           f"({int(frame['boolean_value'].sum())} positive), mean predicted risk {probability.mean():.4f}")

@@ -870,15 +870,13 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         return torch.cat([hidden_states, total / count], dim=-1)  # (b, s, 2d)
 
     @torch.no_grad()
-    def tte_log_hazards(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+    def tte_head_inputs(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
                         prs: torch.Tensor | None = None, prs_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-hazards per year (b, bins, families) at each row's last real token (left or right padding).
+        """What the TTE head reads at each row's last real token (left or right padding): (b, d').
 
-        One forward pass; what `ehr-prs risk --method hazard` turns into risk curves.
+        One forward pass of the decoder; `tte_log_hazards` applies the head to it, and a refitted
+        hazard (`ehr-prs hazard-refit`) its own weights.
         """
-        if self.tte_head is None:
-            raise ValueError("this model has no time-to-event head (config.tte_families is empty): pretrain one "
-                             "with `ehr-prs pretrain --tte-families N`, or use a sampling method")
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, prs=prs, prs_mask=prs_mask,
                              use_cache=False)
         hidden_states = outputs.last_hidden_state  # (b, s, d)
@@ -888,8 +886,20 @@ class EhrPrsForCausalLM(EhrPrsPreTrainedModel, GenerationMixin):
         else:
             real = attention_mask.to(hidden_states.device).bool()
             last = s - 1 - real.flip(-1).int().argmax(-1)  # (b,) the last real token
-        h = self._head_input(hidden_states, attention_mask)[torch.arange(b, device=hidden_states.device), last]  # (b, d')
-        shift = self.tte_head.hazard_shift(prs, prs_mask, b) if self.tte_head.hazard_shift is not None else None
+        return self._head_input(hidden_states, attention_mask)[torch.arange(b, device=hidden_states.device), last]
+
+    @torch.no_grad()
+    def tte_log_hazards(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                        prs: torch.Tensor | None = None, prs_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-hazards per year (b, bins, families) at each row's last real token (left or right padding).
+
+        One forward pass; what `ehr-prs risk --method hazard` turns into risk curves.
+        """
+        if self.tte_head is None:
+            raise ValueError("this model has no time-to-event head (config.tte_families is empty): pretrain one "
+                             "with `ehr-prs pretrain --tte-families N`, or use a sampling method")
+        h = self.tte_head_inputs(input_ids, attention_mask, prs, prs_mask)  # (b, d')
+        shift = self.tte_head.hazard_shift(prs, prs_mask, len(h)) if self.tte_head.hazard_shift is not None else None
         return self.tte_head(h, shift)
 
     def prepare_inputs_for_generation(

@@ -220,7 +220,7 @@ def test_incidence_refit_may_add_to_its_model_but_not_replace_the_model_files(tm
     with pytest.raises(InputError, match="already exists.*pass --overwrite"):
         check_incidence_output(model / "incidence_t2d.safetensors", model, data, overwrite=False)
     check_incidence_output(model / "incidence_t2d.safetensors", model, data, overwrite=True)  # an earlier refit
-    with pytest.raises(InputError, match="not an earlier incidence refit.*even with --overwrite"):
+    with pytest.raises(InputError, match="not an earlier refit of this kind.*even with --overwrite"):
         check_incidence_output(model / "model.safetensors", model, data, overwrite=True)
     with pytest.raises(InputError, match="is the --model input"):
         check_incidence_output(model, model, data, overwrite=True)

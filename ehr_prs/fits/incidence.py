@@ -162,25 +162,26 @@ def save_incidence(path: str | Path, weight: np.ndarray, bias: float, tokens: li
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "tokens": json.dumps(tokens), "report": json.dumps(report)})
 
 
-def is_incidence_file(path: str | Path) -> bool:
-    """Whether `path` is a file written by `save_incidence` (its safetensors metadata says so)."""
+def is_incidence_file(path: str | Path, fmt: str = FORMAT) -> bool:
+    """Whether `path` is a file written by `save_incidence` (or of another refit's `fmt`: its safetensors metadata says so)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT
+            return (f.metadata() or {}).get("format") == fmt
     except Exception:  # not a safetensors file at all
         return False
 
 
-def check_incidence_output(out: str | Path, model: str | Path, data: str | Path, overwrite: bool) -> None:
+def check_incidence_output(out: str | Path, model: str | Path, data: str | Path, overwrite: bool,
+                           fmt: str = FORMAT) -> None:
     """The output rules of `incidence-refit`: those of every command (errors.check_output), except that
     the refit may be written into the --model folder it belongs to (README: MODEL/incidence_t2d.safetensors);
     there, even --overwrite replaces only an earlier refit, never one of the model's own files."""
     check_output(out, {"--model": model, "--data": data}, overwrite, kind="file", inside_ok=("--model",))
     target, model_dir = Path(out).expanduser().resolve(), Path(model).expanduser().resolve()
-    if model_dir in target.parents and Path(out).exists() and not is_incidence_file(out):
-        raise InputError(f"--out {out} is a file of the --model folder {model}, not an earlier incidence refit; "
+    if model_dir in target.parents and Path(out).exists() and not is_incidence_file(out, fmt):
+        raise InputError(f"--out {out} is a file of the --model folder {model}, not an earlier refit of this kind; "
                          f"it is never replaced (even with --overwrite). Choose a new file name.")
 
 

@@ -45,12 +45,14 @@ def cumulative_hazard(log_hazard: torch.Tensor, bin_starts_years: torch.Tensor, 
 @torch.no_grad()
 def hazard_risk(model, input_ids: Sequence[Sequence[int]], family_idx: Sequence[int], horizons_days: Sequence[float],
                 prs: torch.Tensor | None = None, prs_mask: torch.Tensor | None = None, pad_token_id: int = 0,
-                batch_size: int = 64, progress: bool = True) -> np.ndarray:
+                batch_size: int = 64, progress: bool = True, refit=None) -> np.ndarray:
     """Risk of a first occurrence of any of `family_idx` within each horizon: (rows, H), in [0, 1].
 
     One forward pass per prompt (batched through the training collator, sorted by length so that a
     batch pads little); risk = 1 - exp(-sum over the families of their cumulative hazards), i.e. the
-    families' first occurrences treated as independent given the history. Deterministic.
+    families' first occurrences treated as independent given the history. Deterministic. With
+    `refit` (ehr_prs.fits.hazard_refit.HazardRefit, fitted for the union of these families) its
+    hazard replaces the head's.
     """
     from tqdm.auto import tqdm
 
@@ -66,22 +68,28 @@ def hazard_risk(model, input_ids: Sequence[Sequence[int]], family_idx: Sequence[
         batch = collate([{"input_ids": input_ids[i]} for i in idx])
         p = prs[idx].to(device) if prs is not None else None
         pm = prs_mask[idx].to(device) if prs_mask is not None else None
-        log_h = model.tte_log_hazards(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                      prs=p, prs_mask=pm)  # (b, bins, F)
-        cum = cumulative_hazard(log_h[:, :, fam.to(log_h.device)], model.tte_head.bin_starts, 0.0,
-                                horizons_days)  # (b, H, |fam|)
+        if refit is None:
+            log_h = model.tte_log_hazards(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                          prs=p, prs_mask=pm)[:, :, fam.to(device)]  # (b, bins, |fam|)
+        else:
+            x = model.tte_head_inputs(batch["input_ids"].to(device), batch["attention_mask"].to(device), p, pm)
+            log_h = refit.log_hazard(x.cpu(), None if p is None else p.cpu(), None if pm is None else pm.cpu())[:, :, None]
+        cum = cumulative_hazard(log_h, model.tte_head.bin_starts, 0.0, horizons_days)  # (b, H, |fam| or 1)
         out[idx] = (-torch.expm1(-cum.sum(-1))).cpu().numpy()
     return out
 
 
 def write_hazard_risk(args: argparse.Namespace, model, tokenizer, data, prompts: list[list[int]],
                       family_idx: list[int], prs_t: torch.Tensor | None, prs_mask_t: torch.Tensor | None,
-                      curve_path: Path | None = None) -> None:
+                      curve_path: Path | None = None, score=None, refit=None) -> None:
     """`ehr-prs risk --method hazard`: write the risk at --horizon-days (and the --horizons curve) for each row.
 
     data: the label rows' prediction inputs (subject_id, prediction_time, boolean_value), prompts their
     token ids, family_idx the head's families that --codes name; prs_t (rows, n_prs) / prs_mask_t (rows,);
     curve_path where the --horizons curve goes (the command decides it, and checked it before any work).
+    score: what computes the risk, called as hazard_risk is (default hazard_risk itself); the command
+    passes its sharded version (ehr_prs.sharded), which returns None on the processes that do not write.
+    refit: a `--hazard-refit` (ehr_prs.fits.hazard_refit.HazardRefit) used instead of the head's hazard.
     """
     import polars as pl
 
@@ -91,7 +99,10 @@ def write_hazard_risk(args: argparse.Namespace, model, tokenizer, data, prompts:
     horizons = [args.horizon_days, *[h for h in (args.horizons or []) if h != args.horizon_days]]
     if any(h <= 0 for h in horizons):
         raise InputError(f"--horizons must all be > 0 days, got {args.horizons}")
-    risk = hazard_risk(model, prompts, family_idx, horizons, prs_t, prs_mask_t, tokenizer.pad_token_id)  # (rows, H)
+    risk = (score or hazard_risk)(model, prompts, family_idx, horizons, prs_t, prs_mask_t,
+                                  tokenizer.pad_token_id, refit=refit)  # (rows, H)
+    if risk is None:  # a sharded run's other process: the main process writes
+        return
     if not np.isfinite(risk).all():
         raise InputError(f"{args.model} gave non-finite hazards for {int((~np.isfinite(risk)).any(1).sum())} rows: "
                          "the model's weights are broken; retrain it")
@@ -111,5 +122,6 @@ def write_hazard_risk(args: argparse.Namespace, model, tokenizer, data, prompts:
             curve.write_parquet(tmp)
         wrote.append(f"{curve_path} ({len(horizons)} horizons)")
     fams = ", ".join(model.config.tte_families[i] for i in family_idx)
-    print(f"wrote {' and '.join(wrote)}: {frame.height} rows, method hazard (families {fams}), "
+    print(f"wrote {' and '.join(wrote)}: {frame.height} rows, method hazard (families {fams}"
+          f"{', refitted hazard' if refit is not None else ''}), "
           f"mean risk {risk[:, 0].mean():.4f} at {args.horizon_days:g} days")

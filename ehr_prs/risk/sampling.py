@@ -73,6 +73,18 @@ CV_RIDGE = 10.0  # ridge penalty on the (unstandardised, count-scale) features
 CV_MIN_PATHS_PER_FEATURE = 2  # fewer fitting paths than this per feature: no correction
 
 
+@dataclass
+class SampledPaths:
+    """What sampling K paths per row gives before anything couples the rows: per-path values and
+    control-variate features, and the run's counts. Rows are scored independently (each from its own
+    random numbers), so these can be computed in parts (ehr_prs.sharded) and stacked in row order."""
+
+    values: np.ndarray  # (rows, K) float64: each path's uncorrected estimate of the risk
+    features: np.ndarray | None  # (rows, K, F) float32 martingale increments (None: control variates off or K = 1)
+    truncated_paths: int
+    generated_tokens: int
+
+
 @torch.no_grad()
 def sample_risk(
     model,
@@ -101,6 +113,43 @@ def sample_risk(
     needs K >= 2 and enough paths to fit, else the plain average is returned.
     incidence_refit: (w (hidden_size,), b) from `ehr-prs incidence-refit`: each row's target logits are
     shifted by b + w . (mean final hidden state of its prompt) at every step (ehr_prs.fits.incidence).
+    The two steps, sample_paths (row by row) then risk_scores (across rows), are public so that the
+    rows can be sampled in parts by several processes and finished once (`ehr-prs risk` does).
+    """
+    paths = sample_paths(model, prompts, target_ids, token_days, horizon_days, method, samples, prs, prs_mask,
+                         stop_ids, pad_token_id, max_new_tokens, paths_per_batch, seed, progress, control_variates,
+                         incidence_refit)
+    return risk_scores(paths)
+
+
+@torch.no_grad()
+def sample_paths(
+    model,
+    prompts: list[list[int]],
+    target_ids: list[int],
+    token_days: torch.Tensor,
+    horizon_days: float,
+    method: str = "path",
+    samples: int = 16,
+    prs: torch.Tensor | None = None,
+    prs_mask: torch.Tensor | None = None,
+    stop_ids: list[int] | tuple[int, ...] = (),
+    pad_token_id: int = 0,
+    max_new_tokens: int = 256,
+    paths_per_batch: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    control_variates: bool = True,
+    incidence_refit: tuple[torch.Tensor, float] | None = None,
+    row_ids: np.ndarray | None = None,
+    on_rows=None,
+) -> SampledPaths:
+    """K sampled paths per prompt, uncorrected (sample_risk's arguments; see there), in prompt order.
+
+    row_ids (rows,): the label-row index whose random numbers (seed, row) each prompt uses; default
+    0..rows-1. A part of the rows scored on its own with their row ids gives exactly the values the
+    whole run gives them, when its batches are the whole run's batches (same prompts together).
+    on_rows(n): called after each batch with its row count (a progress bar outside).
     """
     if method not in SAMPLING_METHODS:
         hazard = " (hazard is not sampled: ehr_prs.risk.hazard.hazard_risk)" if method == "hazard" else ""
@@ -111,6 +160,7 @@ def sample_risk(
         raise InputError("no target token ids to score")
     device = next(model.parameters()).device
     rows, k = len(prompts), samples
+    row_ids = np.arange(rows) if row_ids is None else np.asarray(row_ids, dtype=np.int64)
     values = np.zeros((rows, k), dtype=np.float64)
     vocab = int(token_days.shape[0])
     n_features = min(vocab, CV_MAX_FEATURES)
@@ -126,7 +176,8 @@ def sample_risk(
     bar = tqdm(total=rows, desc=f"risk ({method}, K={k})", unit="row", disable=not progress)
     for start in range(0, rows, per_batch):
         idx = order[start : start + per_batch]
-        uniforms = torch.from_numpy(path_uniforms(seed, idx, k, max_new_tokens)).to(device)  # (b * k, steps, 2)
+        # (b * k, steps, 2): each row's own stream, by its label-row index
+        uniforms = torch.from_numpy(path_uniforms(seed, row_ids[idx], k, max_new_tokens)).to(device)
         batch_values, batch_features, batch_truncated, batch_generated = _sample_batch(
             model, [prompts[i] for i in idx], target, stops, token_days, horizon_days, method, k,
             None if prs is None else prs[idx].to(device), None if prs_mask is None else prs_mask[idx].to(device),
@@ -139,14 +190,23 @@ def sample_risk(
         truncated += batch_truncated
         generated += batch_generated
         bar.update(len(idx))
+        if on_rows is not None:
+            on_rows(len(idx))
     bar.close()
+    return SampledPaths(values, features, truncated, generated)
+
+
+def risk_scores(paths: SampledPaths) -> RiskScores:
+    """Per-row risk and standard error from all rows' paths: the control-variate correction (fitted
+    across rows, cross-fitted by row index) when features are there, then the mean over the K paths."""
+    values, k = paths.values, paths.values.shape[1]
     reduction = 0.0
-    if features is not None:
-        values, reduction = control_variate_correction(values, features)
+    if paths.features is not None:
+        values, reduction = control_variate_correction(values, paths.features)
     # A corrected row mean can leave [0, 1] by a hair; a probability may not.
     probability = values.mean(axis=1).clip(0.0, 1.0)
-    stderr = values.std(axis=1, ddof=1) / math.sqrt(k) if k > 1 else np.full(rows, np.nan)
-    return RiskScores(probability, stderr, values, truncated, generated, reduction)
+    stderr = values.std(axis=1, ddof=1) / math.sqrt(k) if k > 1 else np.full(values.shape[0], np.nan)
+    return RiskScores(probability, stderr, values, paths.truncated_paths, paths.generated_tokens, reduction)
 
 
 def control_variate_correction(values: np.ndarray, features: np.ndarray, ridge: float = CV_RIDGE,
