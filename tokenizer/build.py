@@ -4,11 +4,16 @@ Two streaming passes over the MEDS shards, chunk by chunk (whole subjects per ch
 `rows_per_chunk` events where a shard allows), so memory follows the chunk size, not the cohort:
 1. train only: code subject counts and value samples -> vocabulary, bin edges (tokenizer/vocab.py);
 2. every split: events -> token ids (tokenizer/encode.py), joined with standardised PRS, written
-   to an arrow file with `datasets.ArrowWriter`, then saved with `save_to_disk`.
+   with `datasets.ArrowWriter` straight into `save_to_disk`'s layout (`SplitWriter`).
+The PRS table is never read whole: `scan_prs_table` keeps its subject ids, the standardiser is
+fitted in one streamed pass (`PrsStandardizer.fit_scan`), and each chunk reads the scores of its
+own subjects only (`PrsScan.subjects`), so memory follows the chunk, not the cohort.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -25,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ehr_prs.errors import InputError, atomic_output_dir, check_output
 from ehr_prs.privacy import MIN_SUBJECTS
-from ehr_prs.data.readers import KNOWN_SPLITS, MedsDataset, PrsTable, read_meds_dataset, read_prs_table
+from ehr_prs.data.readers import KNOWN_SPLITS, MedsDataset, PrsScan, read_meds_dataset, scan_prs_table
 from ehr_prs.tokenizer.encode import EncodeTables, encode_events, tables_from_tokenizer
 from ehr_prs.tokenizer.prs_standardizer import PrsStandardizer
 from modeling_ehr_prs.tokenization_ehr import EhrTokenizer
@@ -84,40 +89,111 @@ def rows_table(encoded: pl.DataFrame, prs: np.ndarray, prs_mask: np.ndarray, ext
     return pa.table(cols)
 
 
+class SplitWriter:
+    """Writes a split's rows straight into the folder layout of `Dataset.save_to_disk`.
+
+    Shards data-XXXXX-of-NNNNN.arrow of at most `datasets.config.MAX_SHARD_SIZE` each, then the
+    state.json and dataset_info.json that `datasets.load_from_disk` reads (taken from datasets'
+    own `save_to_disk` of an empty dataset with these features, so their format is datasets').
+    Writing once replaces writing one arrow file and copying it with `save_to_disk`, which read it
+    back through a memory map: every page of the split became resident in this process (~6 GB
+    for the train split of 1 M subjects with 3,481 scores) and the data was written twice.
+    """
+
+    def __init__(self, out_dir: Path, features: datasets.Features = FEATURES, max_shard_bytes: int | None = None):
+        from datasets.utils.py_utils import convert_file_size_to_int
+
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.features = features
+        self.max_shard_bytes = max_shard_bytes or convert_file_size_to_int(datasets.config.MAX_SHARD_SIZE)
+        self.paths: list[Path] = []
+        self.rows = 0
+        self._writer: ArrowWriter | None = None
+        self._shard_bytes = 0
+
+    def _open_shard(self) -> None:
+        if self._writer is not None:
+            self._writer.finalize()
+            self._writer.close()
+        path = self.out_dir / f"shard-{len(self.paths):05d}.arrow"
+        self.paths.append(path)
+        self._writer = ArrowWriter(features=self.features, path=str(path))
+        self._shard_bytes = 0
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append rows; a new shard starts when this table would take the current one past the size limit."""
+        if self._writer is None or (self._shard_bytes and self._shard_bytes + table.nbytes > self.max_shard_bytes):
+            self._open_shard()
+        self._writer.write_table(table)
+        self._shard_bytes += table.nbytes
+        self.rows += table.num_rows
+
+    def close(self) -> None:
+        """Finish the last shard, give the shards their final names and write datasets' state files."""
+        if self._writer is None:  # no rows: one empty shard, so that the folder still loads
+            self._open_shard()
+        self._writer.finalize()
+        self._writer.close()
+        n = len(self.paths)
+        names = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+        for path, name in zip(self.paths, names):
+            path.rename(self.out_dir / name)
+        template = self.out_dir / ".template"
+        empty = datasets.Dataset.from_dict({k: [] for k in self.features}, features=self.features)
+        with _progress_bars(False):
+            empty.save_to_disk(str(template))
+        state = json.loads((template / datasets.config.DATASET_STATE_JSON_FILENAME).read_text())
+        state["_data_files"] = [{"filename": name} for name in names]
+        digest = hashlib.sha256(json.dumps([self.out_dir.name, self.rows, [(self.out_dir / m).stat().st_size
+                                                                          for m in names]]).encode())
+        state["_fingerprint"] = digest.hexdigest()[:16]
+        (self.out_dir / datasets.config.DATASET_STATE_JSON_FILENAME).write_text(json.dumps(state, indent=2, sort_keys=True))
+        (template / datasets.config.DATASET_INFO_FILENAME).rename(self.out_dir / datasets.config.DATASET_INFO_FILENAME)
+        shutil.rmtree(template)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """datasets' progress bars on or off for a block, restored afterwards."""
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
 def encode_split(
     meds: MedsDataset,
     split: str,
     tables: EncodeTables,
     standardizer: PrsStandardizer,
-    prs: PrsTable | None,
+    prs: PrsScan | None,
     max_length: int,
     out_dir: Path,
-    work_dir: Path,
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     progress: bool = True,
 ) -> dict[str, int]:
-    """Tokenize one split into a `save_to_disk` dataset at `out_dir`; returns counts."""
+    """Tokenize one split into a `load_from_disk` dataset at `out_dir`; returns counts.
+
+    Each chunk reads the PRS rows of its own subjects only (`prs.subjects`) and is written
+    straight to the dataset's shards (`SplitWriter`): memory follows the chunk, not the split.
+    """
     stats = {"subjects": 0, "events": 0, "unknown_events": 0, "tokens": 0, "truncated": 0, "genotyped": 0}
-    arrow_path = work_dir / f"{split}.arrow"
-    writer = ArrowWriter(features=FEATURES, path=str(arrow_path))
+    writer = SplitWriter(out_dir)
     shards = meds.shards.get(split, [])
     for chunk in tqdm(iter_chunks(meds, split, rows_per_chunk) if shards else [], desc=f"tokenize {split}", unit="chunk",
                       disable=not progress):
         encoded, s = encode_events(chunk, tables, key="subject_id", max_length=max_length)
-        prs_z, mask = standardizer.transform(prs.frame if prs else None, encoded.get_column("subject_id"))
+        ids = encoded.get_column("subject_id")
+        prs_z, mask = standardizer.transform(prs.subjects(ids).frame if prs else None, ids)
         writer.write_table(rows_table(encoded, prs_z, mask))
         for k in ("events", "unknown_events", "tokens", "truncated"):
             stats[k] += s[k]
         stats["subjects"] += encoded.height
         stats["genotyped"] += int(mask.sum())
-    writer.finalize()
     writer.close()
-    ds = datasets.Dataset.from_file(str(arrow_path))
-    if not progress:
-        datasets.disable_progress_bars()
-    ds.save_to_disk(str(out_dir))
-    del ds
-    arrow_path.unlink()
     return stats
 
 
@@ -159,9 +235,9 @@ def build(
             f"{meds_root}: this MEDS dataset has no train split (splits: {meds.splits}); the vocabulary and PRS "
             f"statistics are fitted on data/train/ (or subjects with split 'train' in metadata/subject_splits.parquet)."
         )
-    prs = read_prs_table(prs_path) if prs_path is not None else None
+    prs = scan_prs_table(prs_path) if prs_path is not None else None
     if prs is not None and prs_group_column == "auto":
-        prs_group_column = "ancestry" if "ancestry" in prs.frame.columns else None
+        prs_group_column = "ancestry" if "ancestry" in prs.columns else None
     elif prs_group_column == "auto":
         prs_group_column = None
 
@@ -179,9 +255,8 @@ def build(
     t_fit = time.perf_counter()
     tok = EhrTokenizer(state=state)
     if prs is not None:
-        standardizer = PrsStandardizer.fit(
-            prs.frame, prs.score_columns, _train_subject_ids(meds), prs_group_column, min_group_subjects=min_subjects,
-            source=str(prs.path),
+        standardizer = PrsStandardizer.fit_scan(
+            prs, _train_subject_ids(meds), prs_group_column, min_group_subjects=min_subjects, source=str(prs.path),
         )
     else:
         standardizer = PrsStandardizer.empty()
@@ -192,15 +267,12 @@ def build(
     with atomic_output_dir(out, overwrite) as tmp:
         tok.save_pretrained(str(tmp / TOKENIZER_DIR))
         standardizer.save(tmp / TOKENIZER_DIR)
-        work = tmp / ".work"
-        work.mkdir()
         for split in KNOWN_SPLITS:
             s0 = time.perf_counter()
             split_stats[split] = encode_split(
-                meds, split, tables, standardizer, prs, max_length, tmp / split, work, rows_per_chunk, progress
+                meds, split, tables, standardizer, prs, max_length, tmp / split, rows_per_chunk, progress
             )
             split_seconds[split] = round(time.perf_counter() - s0, 3)
-        shutil.rmtree(work)
         total = time.perf_counter() - t0
         events = sum(s["events"] for s in split_stats.values())
         summary = {

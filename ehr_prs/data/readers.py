@@ -5,7 +5,9 @@ taken from the `meds` package's own schemas and compared with the file's parquet
 (never trusted), and each problem stops with an `InputError` that names the file, the column
 and, where there is one, the subject, and says what would be right. Data shards are checked
 from their parquet footers (and, in a data/<split>/ layout, their subject_id column), so
-validating a large cohort does not read its events.
+validating a large cohort does not read its events. A PRS table is read whole by
+`read_prs_table`, or by subject in bounded batches by `scan_prs_table` (a cohort-sized table:
+a million people x 3,481 float32 scores is 14 GB).
 
 `select_label_rows` is the one policy every command that reads labels follows (risk, baseline,
 finetune, predict, fewshot): rows that cannot be scored are dropped with one warning line
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +32,7 @@ from ehr_prs.errors import InputError
 # meds and pyarrow are imported inside the readers that use them: every `ehr-prs COMMAND --help`
 # imports this module, and meds + pyarrow alone take ~0.2 s.
 if TYPE_CHECKING:
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -428,6 +432,14 @@ def read_meds_dataset(root: str | os.PathLike) -> MedsDataset:
 # PRS table
 # ----------------------------------------------------------------------------------------
 
+# A streamed PRS batch holds about this many bytes of float32 scores (~4,800 subjects of the
+# paper's 3,481 scores), whatever the cohort's size.
+PRS_BATCH_BYTES = 64 << 20
+# Subjects per row group of the parquet copy that `scan_prs_table` makes of a CSV table.
+CSV_ROW_GROUP_ROWS = 4096
+_PRS_NULL_VALUES = ["", "NA", "na", "NaN", "nan", "null", "NULL", "None"]
+
+
 @dataclass
 class PrsTable:
     """A validated wide PRS table: subject_id Int64, score columns Float32 (null = not scored)."""
@@ -437,83 +449,297 @@ class PrsTable:
     score_columns: list[str]
 
 
-def _read_prs_frame(path: Path) -> pl.DataFrame:
-    import pyarrow as pa
-
+def _prs_format(path: Path) -> str:
+    """'parquet' or 'csv' (with its separator) from the file name; InputError for anything else."""
     suffixes = "".join(path.suffixes).lower()
-    try:
-        if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
-            return pl.read_parquet(path)
-        if any(suffixes.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
-            sep = "\t" if ".tsv" in suffixes else ","
-            # Infer types from the whole file so that a stray word deep in a column is caught
-            # (the column then reads as text and is reported below, with the offending subject).
-            return pl.read_csv(
-                path, separator=sep, infer_schema_length=None,
-                null_values=["", "NA", "na", "NaN", "nan", "null", "NULL", "None"],
-            )
-    except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as err:
-        raise InputError(f"{path}: cannot read this PRS table ({err}).") from err
+    if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
+        return "parquet"
+    if any(suffixes.endswith(s) for s in (".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
+        return "tsv" if ".tsv" in suffixes else "csv"
     raise InputError(f"{path}: PRS table must be .parquet or .csv (or .tsv); got {path.name!r}.")
 
 
-def _first_subject(df: pl.DataFrame, mask: pl.Expr) -> object:
-    return df.filter(mask)["subject_id"][0]
+def _read_prs_frame(path: Path) -> pl.DataFrame:
+    import pyarrow as pa
+
+    fmt = _prs_format(path)
+    try:
+        if fmt == "parquet":
+            return pl.read_parquet(path)
+        # Infer types from the whole file so that a stray word deep in a column is caught
+        # (the column then reads as text and is reported below, with the offending subject).
+        return pl.read_csv(path, separator="\t" if fmt == "tsv" else ",", infer_schema_length=None,
+                           null_values=_PRS_NULL_VALUES)
+    except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as err:
+        raise InputError(f"{path}: cannot read this PRS table ({err}).") from err
+
+
+def _prs_score_columns(path: Path, columns: list[str]) -> list[str]:
+    """The score columns (PGS Catalog ids, file order); InputError without subject_id or without scores."""
+    if "subject_id" not in columns:
+        raise InputError(f"{path}: PRS table has no 'subject_id' column; found {columns[:8]}{'...' if len(columns) > 8 else ''}.")
+    scores = [c for c in columns if PRS_COLUMN_PATTERN.match(c)]
+    if not scores:
+        raise InputError(
+            f"{path}: no score columns; a PRS table names each score by its PGS Catalog id "
+            f"(PGS000001, ...: 'PGS' and six digits). Found columns {columns[:8]}."
+        )
+    return scores
+
+
+def _check_prs_subject_ids(path: Path, ids: pl.Series) -> None:
+    """subject_id must be integers without empty values (duplicates are checked by `_check_prs_unique`)."""
+    if not ids.dtype.is_integer():
+        raise InputError(
+            f"{path}: column 'subject_id' has type {ids.dtype}; it must hold integer MEDS subject ids "
+            f"(first value {ids[0]!r})."
+        )
+    if ids.null_count():
+        raise InputError(f"{path}: column 'subject_id' has {ids.null_count()} empty value(s).")
+
+
+def _non_numeric_error(path: Path, col: str, dtype: pl.DataType, subject_and_col: pl.DataFrame) -> InputError:
+    """The error for a score column that is not numeric, naming the first subject whose value is not a number."""
+    bad = subject_and_col.filter(pl.col(col).is_not_null() & pl.col(col).cast(pl.Float64, strict=False).is_null())
+    detail = f"; subject {bad['subject_id'][0]} has {bad[col][0]!r}" if bad.height else ""
+    return InputError(
+        f"{path}: score column {col!r} is not numeric (type {dtype}{detail}); scores must be numbers, "
+        f"empty or NA for a subject without the score."
+    )
+
+
+def _is_numeric_score(dtype: pl.DataType) -> bool:
+    return dtype.is_numeric() or dtype == pl.Null
+
+
+def _check_prs_unique(path: Path, ids: pl.Series) -> None:
+    dup = ids.filter(ids.is_duplicated())
+    if dup.len():
+        raise InputError(f"{path}: subject {dup[0]} has more than one row; keep one row per subject.")
+
+
+def _finite_scores(path: Path, df: pl.DataFrame, scores: list[str]) -> pl.DataFrame:
+    """subject_id as Int64, scores as Float32 with NaN read as null; InputError naming an infinite score.
+
+    Float32 is what the model reads; NaN means "no score" like null. Casting can overflow to inf,
+    so the infinity check runs after it. The checks run on numpy blocks of columns: polars
+    expressions over thousands of columns cost ~0.2 s a call, paid by every streamed batch.
+    """
+    import numpy as np
+
+    df = df.with_columns(pl.col("subject_id").cast(pl.Int64))
+    schema = df.schema
+    recast = [c for c in scores if schema[c] != pl.Float32]
+    if recast:
+        df = df.with_columns(pl.col(recast).cast(pl.Float32))
+    with_nan = []
+    for j in range(0, len(scores), 512):
+        cols = scores[j:j + 512]
+        x = df.select(cols).to_numpy()  # nulls read as NaN here
+        inf_rows = np.isinf(x)
+        if inf_rows.any():
+            col = int(np.flatnonzero(inf_rows.any(axis=0))[0])
+            subject = df["subject_id"][int(np.flatnonzero(inf_rows[:, col])[0])]
+            raise InputError(
+                f"{path}: score column {cols[col]!r} is infinite (or beyond float32 range) for subject {subject}; "
+                f"scores must be finite numbers, or empty for a subject without the score."
+            )
+        n_nan = np.isnan(x).sum(axis=0)
+        with_nan += [c for c, k in zip(cols, n_nan) if k and k > df.get_column(c).null_count()]
+    if with_nan:
+        df = df.with_columns(pl.col(with_nan).fill_nan(None))
+    return df
 
 
 def read_prs_table(path: str | os.PathLike) -> PrsTable:
-    """Read and validate a wide PRS table (parquet or CSV): subject_id plus PGS-named score columns.
+    """Read and validate a wide PRS table (parquet or CSV) whole: subject_id plus PGS-named score columns.
 
     Score columns are those matching PRS_COLUMN_PATTERN, in file order, cast to Float32; nulls
     (and NaN, read as null) mean "not scored" and are kept, never filled. Other columns
-    (ancestry, batch) are kept unchanged.
+    (ancestry, batch) are kept unchanged. For a cohort-sized table use `scan_prs_table`, which
+    checks the same things and reads the scores of the subjects asked for, in bounded batches.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: PRS table not found; pass --prs a parquet or CSV file.")
     df = _read_prs_frame(path)
-    if "subject_id" not in df.columns:
-        raise InputError(f"{path}: PRS table has no 'subject_id' column; found {df.columns[:8]}{'...' if df.width > 8 else ''}.")
-    scores = [c for c in df.columns if PRS_COLUMN_PATTERN.match(c)]
-    if not scores:
-        raise InputError(
-            f"{path}: no score columns; a PRS table names each score by its PGS Catalog id "
-            f"(PGS000001, ...: 'PGS' and six digits). Found columns {df.columns[:8]}."
-        )
+    scores = _prs_score_columns(path, df.columns)
     if df.height == 0:
         raise InputError(f"{path}: PRS table is empty (no rows); it needs one row per genotyped subject.")
-    if not df["subject_id"].dtype.is_integer():
-        raise InputError(
-            f"{path}: column 'subject_id' has type {df['subject_id'].dtype}; it must hold integer MEDS subject ids "
-            f"(first value {df['subject_id'][0]!r})."
-        )
-    if df["subject_id"].null_count():
-        raise InputError(f"{path}: column 'subject_id' has {df['subject_id'].null_count()} empty value(s).")
+    _check_prs_subject_ids(path, df["subject_id"])
     df = df.with_columns(pl.col("subject_id").cast(pl.Int64))
     for col in scores:
-        dtype = df[col].dtype
-        if not (dtype.is_numeric() or dtype == pl.Null):
-            bad = df.filter(pl.col(col).is_not_null() & pl.col(col).cast(pl.Float64, strict=False).is_null())
-            detail = f"; subject {bad['subject_id'][0]} has {bad[col][0]!r}" if bad.height else ""
-            raise InputError(
-                f"{path}: score column {col!r} is not numeric (type {dtype}{detail}); scores must be numbers, "
-                f"empty or NA for a subject without the score."
-            )
-    dup = df.filter(pl.col("subject_id").is_duplicated())
-    if dup.height:
-        raise InputError(f"{path}: subject {dup['subject_id'][0]} has more than one row; keep one row per subject.")
-    # Float32 is what the model reads; NaN means "no score" like null. Casting can overflow to inf,
-    # so the infinity check runs after it.
-    df = df.with_columns(pl.col(scores).cast(pl.Float32).fill_nan(None))
-    inf_any = df.select(pl.col(scores).is_infinite().any()).row(0)
-    for col, is_inf in zip(scores, inf_any):
-        if is_inf:
-            subject = _first_subject(df, pl.col(col).is_infinite())
-            raise InputError(
-                f"{path}: score column {col!r} is infinite (or beyond float32 range) for subject {subject}; "
-                f"scores must be finite numbers, or empty for a subject without the score."
-            )
-    return PrsTable(path, df, scores)
+        # A CSV column with no value at all reads as text: it is a score nobody has, not an error.
+        if not _is_numeric_score(df[col].dtype) and df[col].null_count() < df.height:
+            raise _non_numeric_error(path, col, df[col].dtype, df.select("subject_id", col))
+    _check_prs_unique(path, df["subject_id"])
+    return PrsTable(path, _finite_scores(path, df, scores), score_columns=scores)
+
+
+class PrsScan:
+    """A PRS table read by subject, in bounded batches: only its footer and subject ids stay in memory.
+
+    `scan_prs_table` opens it. `subjects(ids)` gives a `PrsTable` holding the rows of those
+    subjects only (what a shard of MEDS subjects, or a process's share of label rows, needs);
+    `iter_batches()` streams the whole table (a standardiser fit). Only the parquet row groups
+    holding the subjects asked for are decoded, `batch_rows` rows at a time, so memory follows
+    the batch and the file's row-group size, never the number of subjects. Every row handed out
+    is typed and checked as `read_prs_table` does (an infinite score is an InputError naming
+    the subject). `counts` records what was decoded (row groups, rows, largest batch).
+    """
+
+    def __init__(self, path: Path, file: Path, metadata: pq.FileMetaData, schema: pl.Schema, score_columns: list[str],
+                 subject_ids: pl.Series, batch_rows: int):
+        import numpy as np
+
+        self.path = path
+        self.file = file  # what is read: the table itself, or a parquet copy of a CSV table
+        self._metadata = metadata  # parsed once: a footer of thousands of columns takes ~30 ms to read
+        row_group_rows = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        self.schema = schema
+        self.columns = list(schema)
+        self.score_columns = score_columns
+        self.batch_rows = batch_rows
+        ids = subject_ids.cast(pl.Int64).to_numpy()
+        self._order = np.argsort(ids, kind="stable")  # subject -> file row, through a sorted copy
+        self._sorted_ids = ids[self._order]
+        self._starts = np.concatenate([[0], np.cumsum(row_group_rows, dtype=np.int64)])
+        self.counts = {"row_groups": 0, "rows_decoded": 0, "rows_returned": 0, "max_batch_rows": 0}
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._sorted_ids.size)
+
+    @property
+    def n_row_groups(self) -> int:
+        return int(self._starts.size - 1)
+
+    def rows_of(self, subject_ids: Iterable[int] | pl.Series) -> np.ndarray:
+        """File row numbers (sorted, int64) of the subjects that have a row; others are ignored."""
+        import numpy as np
+
+        if isinstance(subject_ids, pl.Series):
+            want = subject_ids.drop_nulls().cast(pl.Int64).to_numpy()
+        else:
+            want = np.asarray(list(subject_ids) if not isinstance(subject_ids, np.ndarray) else subject_ids, dtype=np.int64)
+        want = np.unique(want)
+        if self._sorted_ids.size == 0 or want.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted_ids, want), self._sorted_ids.size - 1)
+        hit = self._sorted_ids[pos] == want
+        return np.sort(self._order[pos[hit]]).astype(np.int64)
+
+    def iter_batches(self, subject_ids: Iterable[int] | pl.Series | None = None) -> Iterator[pl.DataFrame]:
+        """The rows of `subject_ids` (None: every row), in file order, at most `batch_rows` a batch.
+
+        Each batch has the table's columns: subject_id Int64, scores Float32 (null = not scored),
+        other columns as stored. Row groups without a wanted subject are not read.
+        """
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = None if subject_ids is None else self.rows_of(subject_ids)
+        if rows is not None and rows.size == 0:
+            return
+        try:
+            pf = pq.ParquetFile(self.file, metadata=self._metadata)
+        except (OSError, pa.ArrowException) as err:
+            raise InputError(f"{self.path}: cannot read this PRS table ({err}); was it changed while in use?") from err
+        with pf:
+            for rg in range(self.n_row_groups):
+                lo, hi = int(self._starts[rg]), int(self._starts[rg + 1])
+                if rows is not None:
+                    a, b = np.searchsorted(rows, [lo, hi])
+                    if a == b:
+                        continue
+                    wanted = rows[a:b]
+                self.counts["row_groups"] += 1
+                pos = lo
+                for batch in pf.iter_batches(batch_size=self.batch_rows, row_groups=[rg], use_threads=False):
+                    n = batch.num_rows
+                    self.counts["rows_decoded"] += n
+                    self.counts["max_batch_rows"] = max(self.counts["max_batch_rows"], n)
+                    if rows is not None:
+                        i, j = np.searchsorted(wanted, [pos, pos + n])
+                        pos += n
+                        if i == j:
+                            continue
+                        if j - i < n:
+                            batch = batch.take(pa.array(wanted[i:j] - (pos - n)))
+                    else:
+                        pos += n
+                    df = pl.from_arrow(batch)
+                    self.counts["rows_returned"] += df.height
+                    yield _finite_scores(self.path, df, self.score_columns)
+
+    def subjects(self, subject_ids: Iterable[int] | pl.Series) -> PrsTable:
+        """A `PrsTable` of the rows of `subject_ids` only (in file order; subjects without a row are absent).
+
+        Its frame is what `read_prs_table(path).frame` holds for these subjects, so it goes
+        wherever a `PrsTable` does (`PrsStandardizer.transform`, `inputs_at_prediction_times`).
+        Memory: those subjects' rows plus one batch.
+        """
+        parts = list(self.iter_batches(subject_ids))
+        frame = pl.concat(parts, how="vertical") if parts else _finite_scores(
+            self.path, pl.DataFrame(schema=self.schema), self.score_columns)
+        return PrsTable(self.path, frame, self.score_columns)
+
+
+def scan_prs_table(path: str | os.PathLike, batch_bytes: int = PRS_BATCH_BYTES) -> PrsScan:
+    """Open and validate a wide PRS table without reading its scores: the streaming `read_prs_table`.
+
+    Checks what `read_prs_table` checks from the parquet footer and the subject_id column (a
+    score column of text reads that column alone to name the subject); infinite scores are
+    found as rows are read. A CSV table is first copied, streaming, to a temporary parquet file
+    with row groups of CSV_ROW_GROUP_ROWS subjects (removed with the scan); for a parquet table,
+    row groups of a few thousand subjects (`ehr-prs simulate` writes about 3,000) keep reading
+    one shard of subjects cheap.
+    """
+    import shutil
+    import tempfile
+    import weakref
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: PRS table not found; pass --prs a parquet or CSV file.")
+    fmt = _prs_format(path)
+    file, tmp = path, None
+    try:
+        if fmt != "parquet":
+            tmp = Path(tempfile.mkdtemp(prefix="ehr-prs-table-"))
+            file = tmp / "prs.parquet"
+            pl.scan_csv(path, separator="\t" if fmt == "tsv" else ",", infer_schema_length=None,
+                        null_values=_PRS_NULL_VALUES).sink_parquet(file, row_group_size=CSV_ROW_GROUP_ROWS)
+        with pq.ParquetFile(file) as pf:
+            schema = pl.from_arrow(pf.schema_arrow.empty_table()).schema
+            scores = _prs_score_columns(path, list(schema))
+            meta = pf.metadata
+            if meta.num_rows == 0:
+                raise InputError(f"{path}: PRS table is empty (no rows); it needs one row per genotyped subject.")
+            ids = pl.from_arrow(pf.read(columns=["subject_id"], use_threads=False).column(0))
+            _check_prs_subject_ids(path, ids)
+            for col in scores:
+                if not _is_numeric_score(schema[col]):
+                    pair = pl.from_arrow(pf.read(columns=["subject_id", col], use_threads=False))
+                    if pair[col].null_count() < pair.height:  # an all-empty CSV column reads as text: no score
+                        raise _non_numeric_error(path, col, schema[col], pair)
+            _check_prs_unique(path, ids)
+    except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"{path}: cannot read this PRS table ({err}).") from err
+    except InputError:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    scan = PrsScan(path, file, meta, schema, scores, ids, max(1, batch_bytes // (4 * len(scores))))
+    if tmp is not None:
+        weakref.finalize(scan, shutil.rmtree, tmp, True)
+    return scan
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +47,10 @@ ANCESTRIES = ("afr", "amr", "eas", "eur", "mid", "sas")
 ANCESTRY_P = np.array([0.22, 0.18, 0.03, 0.53, 0.015, 0.025])  # roughly All of Us v7
 SPLITS = ("train", "tuning", "held_out")
 GENOTYPED_FRACTION = 0.6
+# truth/subjects.parquet and metadata/subject_splits.parquet are written sorted by subject in row
+# groups of this many subjects, merged from per-shard parts, so memory stays flat in cohort size
+# (a cohort up to this size gets one row group, as one `pq.write_table` of the whole table would).
+SUBJECT_ROW_GROUP = 1 << 16
 MEASUREMENT_CODES = {
     "bmi": "LOINC/39156-5", "hba1c": "LOINC/4548-4", "glucose": "LOINC/2345-7",
     "sbp": "LOINC/8480-6", "dbp": "LOINC/8462-4", "ldl": "LOINC/13457-7",
@@ -1111,7 +1116,6 @@ def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_
     is replaced only with `overwrite` (--overwrite).
     """
     import meds
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     check_output(out, {}, overwrite)
@@ -1132,13 +1136,16 @@ def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_
     counters = dict.fromkeys(SPLITS, 0)
     n_events, n_geno = 0, 0
     labels = {task: [] for task in TASKS}
-    subjects = []
     with atomic_output_dir(out, overwrite) as tmp:
         for s in SPLITS:
             (tmp / "meds" / "data" / s).mkdir(parents=True)
         for d in ("meds/metadata", "labels", "truth"):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         prs_writer = None
+        parts = tmp / ".subjects"  # per-shard truth tables, merged in subject order at the end
+        parts.mkdir()
+        part_ids = []
+        split_counts = np.zeros(len(SPLITS), dtype=np.int64)
         for shard in tqdm(range(n_shards), desc="simulate: shards", unit="shard", disable=not progress):
             res = _simulate_shard(seed, shard, int(sizes[shard]), design, horizon_days, split_fractions)
             rows, t, code, val = res["events"]
@@ -1161,13 +1168,17 @@ def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_
                 lab = res["labels"][task]
                 labels[task].append({"subject_id": res["ids"][lab["rows"]], "split": res["split"][lab["rows"]],
                                      **{k: v for k, v in lab.items() if k != "rows"}})
-            subjects.append(_subjects_table(res))
+            _write_part(_subjects_table(res), parts / f"{shard:06d}.arrow")
+            part_ids.append(res["ids"])
+            split_counts += np.bincount(res["split"], minlength=len(SPLITS))
+            del res
         prs_writer.close()
-        subj = pa.concat_tables(subjects).sort_by("subject_id")
-        pq.write_table(subj, tmp / "truth" / "subjects.parquet")
-        pq.write_table(pa.table({"subject_id": subj["subject_id"], "split": subj["split"]},
-                                schema=pa.schema([("subject_id", pa.int64(), False), ("split", pa.string(), False)])),
-                       tmp / "meds" / "metadata" / "subject_splits.parquet")
+        # The writer holds the footer it built: ~3 MB a row group of 3,481 columns (~600 MB at 1 M
+        # subjects); free it before the merge below rather than beside it.
+        del prs_writer
+        _write_sorted_subjects(sorted(parts.glob("*.arrow")), part_ids, tmp / "truth" / "subjects.parquet",
+                               tmp / "meds" / "metadata" / "subject_splits.parquet")
+        shutil.rmtree(parts)
         pq.write_table(_codes_table(), tmp / "meds" / "metadata" / "codes.parquet")
         meta = {"dataset_name": "ehr-prs simulated All-of-Us-like cohort", "dataset_version": f"seed={seed},n={n_subjects}",
                 "etl_name": "ehr-prs simulate", "etl_version": "0.1.0", "meds_version": meds.__version__,
@@ -1176,13 +1187,58 @@ def simulate_cohort(out: str | Path, n_subjects: int = 20_000, seed: int = 0, n_
         (tmp / "meds" / "metadata" / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "truth" / "prs_traits.json").write_text(json.dumps(_prs_traits_json(design, names), indent=2) + "\n")
         label_summary = _write_labels(tmp, labels)
-    summary = SimulationSummary(str(out), n_subjects, n_events, n_geno, _split_counts(subj), label_summary)
+    counts = {s: int(k) for s, k in zip(SPLITS, split_counts)}
+    summary = SimulationSummary(str(out), n_subjects, n_events, n_geno, counts, label_summary)
     return summary.as_dict()
 
 
-def _split_counts(subj: pa.Table) -> dict[str, int]:
-    split = np.asarray(subj["split"])
-    return {s: int((split == s).sum()) for s in SPLITS}
+def _write_part(table: pa.Table, path: Path) -> None:
+    """One shard's truth table as an uncompressed arrow file (read back through a memory map)."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def _write_sorted_subjects(parts: list[Path], part_ids: list[np.ndarray], truth_path: Path, splits_path: Path,
+                           rows_per_group: int = SUBJECT_ROW_GROUP) -> None:
+    """Merge the per-shard truth tables (each sorted by subject) into truth/subjects.parquet and
+    metadata/subject_splits.parquet, sorted by subject, one row group of `rows_per_group` at a time.
+
+    Only the subject ids (8 bytes a subject) and one output row group are in memory: each part
+    is memory-mapped and only its rows of the current group are read. A shard's ids interleave
+    with every other shard's (the shard number is in their low bits), hence the merge.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sorted_ids = np.sort(np.concatenate(part_ids))
+    starts = sorted_ids[::rows_per_group]  # first subject id of each output row group
+    cuts = [np.r_[np.searchsorted(ids, starts), len(ids)] for ids in part_ids]  # per part: rows of each group
+    split_schema = pa.schema([("subject_id", pa.int64(), False), ("split", pa.string(), False)])
+    truth_writer = splits_writer = None
+    try:
+        for g in range(len(starts)):
+            pieces, maps = [], []
+            for path, cut in zip(parts, cuts):
+                if cut[g + 1] > cut[g]:
+                    src = pa.memory_map(str(path))
+                    maps.append(src)
+                    pieces.append(pa.ipc.open_file(src).read_all().slice(cut[g], cut[g + 1] - cut[g]))
+            group = pa.concat_tables(pieces).sort_by("subject_id")  # a copy: the maps can close
+            del pieces
+            for src in maps:
+                src.close()
+            if truth_writer is None:
+                truth_writer = pq.ParquetWriter(truth_path, group.schema)
+                splits_writer = pq.ParquetWriter(splits_path, split_schema)
+            truth_writer.write_table(group)
+            splits_writer.write_table(pa.table({"subject_id": group["subject_id"], "split": group["split"]},
+                                               schema=split_schema))
+    finally:
+        for w in (truth_writer, splits_writer):
+            if w is not None:
+                w.close()
 
 
 def _write_labels(tmp: Path, labels: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
