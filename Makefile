@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q tests
 
 # demo.sh, then patient pages (ehr-prs view) and the cohort genomic what-if (ehr-prs whatif) from its models
 demo: $(STAMP)

@@ -54,6 +54,7 @@ import numpy as np
 import polars as pl
 
 from ehr_prs.errors import InputError, input_errors, atomic_output_dir, check_output
+from ehr_prs.sharded import close_process_group
 from ehr_prs.predict import (
     STANDARDIZER_FILE,
     SUMMARY_FILE,
@@ -553,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result.output_dir}: {args.method}, {s['train_rows']} train rows ({s['train_positives']} positive), "
           f"{chosen} ({s['selected_by']}), tuning AUROC {tuning}, "
           f"{s['trainable_parameters']:,} trainable of {s['parameters']:,} parameters, {s['train_seconds']} s")
+    close_process_group()  # under accelerate launch / torchrun: every rank exits together, cleanly
     return 0
 
 

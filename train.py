@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from ehr_prs.errors import InputError, input_errors, check_output
 from ehr_prs.privacy import MIN_SUBJECTS
+from ehr_prs.sharded import close_process_group
 from ehr_prs.recipes.flags import parse_flags
 
 # torch, transformers and the model (modeling_ehr_prs, whose import registers the Auto classes) are
@@ -822,6 +823,7 @@ def main(argv: list[str] | None = None) -> int:
     except input_errors() as err:
         print(f"{program_name()}: error: {err}", file=sys.stderr)
         return 2
+    close_process_group()  # under accelerate launch / torchrun: every rank exits together, cleanly
     return 0
 
 

@@ -16,6 +16,7 @@ import importlib
 import sys
 
 from ehr_prs.errors import input_errors
+from ehr_prs.sharded import close_process_group
 
 # subcommand -> (module, one-line help). Add a line here when a stage lands.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in COMMANDS:
         module = importlib.import_module(COMMANDS[argv[0]][0])
         if hasattr(module, "main") and not hasattr(module, "add_arguments"):
-            return module.main(argv[1:])
+            return module.main(argv[1:])  # the recipes close their own process group
         sub_parser = argparse.ArgumentParser(prog=f"ehr-prs {argv[0]}", description=COMMANDS[argv[0]][1])
         module.add_arguments(sub_parser)
         args = sub_parser.parse_args(argv[1:])
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         except input_errors() as err:  # a wrong input: one line and exit 2 (anything else keeps its traceback)
             print(f"ehr-prs {argv[0]}: error: {err}", file=sys.stderr)
             return 2
+        close_process_group()  # under torchrun / accelerate launch (risk, predict): exit together
         return 0
     parser.parse_args(argv)  # prints help / the error for an unknown command
     return 2

@@ -93,6 +93,22 @@ def process_state():
     return PartialState(cpu=not has_accelerator)
 
 
+def close_process_group() -> None:
+    """End a multi-process run cleanly: every process waits for the others, then drops the process group.
+
+    Without it a process can exit while gloo's threads are still joinable, and C++ aborts it at
+    interpreter exit ("terminate called without an active exception", SIGABRT) after all its work is
+    written, which fails the launcher. Does nothing in one process, or when torch was never imported.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """What identifies an input without reading it: resolved path, and files, bytes, latest modification."""
     p = Path(path).expanduser().resolve()

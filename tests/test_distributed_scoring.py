@@ -21,6 +21,10 @@ import pytest
 
 from ehr_prs import cli, sharded
 
+# Multi-process tests run one at a time, on one xdist worker (`--dist loadgroup` in the Makefile):
+# two gloo jobs side by side on a 2-core CI machine starve each other.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 REPO = Path(__file__).resolve().parents[1]
 CHUNK = "64"  # 248 rows -> 4 chunks (2 engine batches of 32 rows each at K = 8)
 

@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 
+# Multi-process tests run one at a time, on one xdist worker (`--dist loadgroup` in the Makefile):
+# two gloo jobs side by side on a 2-core CI machine starve each other.
+pytestmark = pytest.mark.xdist_group("multiprocess")
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_attention_heads=2,num_key_value_heads=2,prs_tokens=2"
 
