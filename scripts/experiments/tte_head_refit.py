@@ -172,6 +172,27 @@ def score_rows(model, tokenizer, head, prompts, prs, prs_mask, horizon_days, sta
     return out
 
 
+def held_out_rows(args, model, tokenizer, standardizer):
+    """The held-out label rows of --task as the model reads them: (rows, prompts, prs, prs_mask); the
+    scores (zero where not genotyped) only with --prs."""
+    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
+    from ehr_prs.tokenizer import inputs_at_prediction_times
+
+    meds = read_meds_dataset(f"{args.cohort}/meds")
+    prs_table = read_prs_table(f"{args.cohort}/prs.parquet") if args.prs else None
+    labels_path = f"{args.cohort}/labels/{args.task}.parquet"
+    rows = select_label_rows(meds, read_labels(labels_path), ["held_out"], labels_path).rows
+    data = inputs_at_prediction_times(meds, rows, tokenizer, standardizer if prs_table is not None else None,
+                                      prs_table, split="held_out", max_length=model.config.max_position_embeddings)
+    prompts = [list(x) for x in data["input_ids"]]
+    prs_t = prs_mask_t = None
+    if args.prs:
+        prs_t = torch.tensor(np.asarray(data["prs"], dtype=np.float32))
+        prs_mask_t = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))
+        prs_t[~prs_mask_t] = 0
+    return data, prompts, prs_t, prs_mask_t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -187,9 +208,6 @@ def main() -> None:
     torch.set_num_threads(1)
     from ehr_prs.checkpoints import load_model_and_tokenizer
     from ehr_prs.data.predictions import write_predictions
-    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
-    from ehr_prs.tokenizer import inputs_at_prediction_times
-
     import polars as pl
 
     model, tokenizer, standardizer = load_model_and_tokenizer(args.model)
@@ -212,18 +230,7 @@ def main() -> None:
     print(f"pairs: train {train[0].shape[0]:,} ({int(train[4].sum()):,} events), tuning {tune[0].shape[0]:,} "
           f"({int(tune[4].sum()):,} events), features {train[0].shape[1]}", flush=True)
 
-    meds = read_meds_dataset(f"{args.cohort}/meds")
-    prs_table = read_prs_table(f"{args.cohort}/prs.parquet") if args.prs else None
-    labels_path = f"{args.cohort}/labels/{args.task}.parquet"
-    rows = select_label_rows(meds, read_labels(labels_path), ["held_out"], labels_path).rows
-    data = inputs_at_prediction_times(meds, rows, tokenizer, standardizer if prs_table is not None else None,
-                                      prs_table, split="held_out", max_length=model.config.max_position_embeddings)
-    prompts = [list(x) for x in data["input_ids"]]
-    prs_t = prs_mask_t = None
-    if args.prs:
-        prs_t = torch.tensor(np.asarray(data["prs"], dtype=np.float32))
-        prs_mask_t = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))
-        prs_t[~prs_mask_t] = 0
+    data, prompts, prs_t, prs_mask_t = held_out_rows(args, model, tokenizer, standardizer)
 
     class Standardised(torch.nn.Module):  # scores raw features with the head fitted on standardised ones
         def __init__(self, head):

@@ -180,8 +180,6 @@ def main() -> None:
 
     from ehr_prs.checkpoints import load_model_and_tokenizer
     from ehr_prs.data.predictions import write_predictions
-    from ehr_prs.data.readers import read_labels, read_meds_dataset, read_prs_table, select_label_rows
-    from ehr_prs.tokenizer import inputs_at_prediction_times
 
     model, tokenizer, standardizer = load_model_and_tokenizer(args.model)
     model.eval()
@@ -199,18 +197,7 @@ def main() -> None:
         tune = at_risk_pairs(model, tokenizer, load_from_disk(f"{args.data}/tuning"), fam, features)
         torch.save((train, tune), cache)
 
-    meds = read_meds_dataset(f"{args.cohort}/meds")
-    prs_table = read_prs_table(f"{args.cohort}/prs.parquet") if args.prs else None
-    labels_path = f"{args.cohort}/labels/{args.task}.parquet"
-    rows = select_label_rows(meds, read_labels(labels_path), ["held_out"], labels_path).rows
-    data = inputs_at_prediction_times(meds, rows, tokenizer, standardizer if prs_table is not None else None,
-                                      prs_table, split="held_out", max_length=model.config.max_position_embeddings)
-    prompts = [list(x) for x in data["input_ids"]]
-    prs_t = prs_mask_t = None
-    if args.prs:
-        prs_t = torch.tensor(np.asarray(data["prs"], dtype=np.float32))
-        prs_mask_t = torch.tensor(np.asarray(data["prs_mask"], dtype=bool))
-        prs_t[~prs_mask_t] = 0
+    data, prompts, prs_t, prs_mask_t = refit.held_out_rows(args, model, tokenizer, standardizer)
     held_cache = out / "held_out.pt"
     if held_cache.exists():
         held_x, held_c = torch.load(held_cache)
