@@ -50,6 +50,26 @@ def check_safetensors_file(path: Path, flag: str) -> None:
                          f"file ({err}); copy it again or rerun the command that wrote it") from err
 
 
+def read_fit_file(path: str | Path, flag: str, command: str, fmt: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a small fit file that `command` wrote with metadata format `fmt` (the
+    incidence and hazard refits); an InputError naming `flag` and the file when it is missing, not a
+    safetensors file, or of another format."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: no such file (write one with `{command}`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a file that is not one of its files
+        raise InputError(f"{flag} {path}: not a safetensors file written by `{command}` ({err})")
+    if meta.get("format") != fmt:
+        raise InputError(f"{flag} {path}: format {meta.get('format')!r}, expected {fmt!r}")
+    return meta, tensors
+
+
 def weight_files(folder: Path, flag: str) -> list[Path]:
     """The safetensors files holding a model folder's weights, each checked whole.
 

@@ -190,19 +190,9 @@ def save_hazard_refit(path: str | Path, weights: dict, families: list[str], repo
 
 def load_hazard_refit(path: str | Path) -> HazardRefit:
     """A file written by `ehr-prs hazard-refit`; InputError naming the file otherwise."""
-    from safetensors import safe_open
+    from ehr_prs.checkpoints import read_fit_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--hazard-refit {path}: no such file (write one with `ehr-prs hazard-refit`)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for a file that is not one of its files
-        raise InputError(f"--hazard-refit {path}: not a safetensors file written by `ehr-prs hazard-refit` ({err})")
-    if meta.get("format") != FORMAT:
-        raise InputError(f"--hazard-refit {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta, tensors = read_fit_file(path, "--hazard-refit", "ehr-prs hazard-refit", FORMAT)
     return HazardRefit(tensors["a"], tensors["w"], tensors["mean"], tensors["sd"], tensors.get("b"),
                        json.loads(meta["families"]), json.loads(meta.get("report", "{}")))
 

@@ -187,20 +187,10 @@ def check_incidence_output(out: str | Path, model: str | Path, data: str | Path,
 
 def load_incidence(path: str | Path) -> tuple[torch.Tensor, float, list[str], dict]:
     """(w, b, outcome tokens, report) from a file written by `save_incidence`; clear errors otherwise."""
-    from safetensors import safe_open
+    from ehr_prs.checkpoints import read_fit_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--incidence-refit {path}: no such file (write one with `ehr-prs incidence-refit`)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            weight, bias = f.get_tensor("weight"), float(f.get_tensor("bias")[0])
-    except Exception as err:  # safetensors raises its own error types for a file that is not one of its files
-        raise InputError(f"--incidence-refit {path}: not a safetensors file written by `ehr-prs incidence-refit` ({err})")
-    if meta.get("format") != FORMAT:
-        raise InputError(f"--incidence-refit {path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return weight, bias, json.loads(meta["tokens"]), json.loads(meta.get("report", "{}"))
+    meta, tensors = read_fit_file(path, "--incidence-refit", "ehr-prs incidence-refit", FORMAT)
+    return tensors["weight"], float(tensors["bias"][0]), json.loads(meta["tokens"]), json.loads(meta.get("report", "{}"))
 
 
 # ----------------------------------------------------------------------------- command line

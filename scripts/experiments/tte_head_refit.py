@@ -172,6 +172,17 @@ def score_rows(model, tokenizer, head, prompts, prs, prs_mask, horizon_days, sta
     return out
 
 
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags both refit experiments take (this script and tte_refit_counts.py)."""
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True, help="the tokenized folder the model was pretrained on")
+    ap.add_argument("--cohort", required=True, help="the simulated cohort (meds/, prs.parquet, labels/)")
+    ap.add_argument("--task", default="t2d")
+    ap.add_argument("--codes", nargs="+", default=["ICD10CM/E11*"])
+    ap.add_argument("--horizon-days", type=float, default=730)
+    ap.add_argument("--prs", action="store_true", help="fit and use a PRS term (genotyped persons)")
+
+
 def held_out_rows(args, model, tokenizer, standardizer):
     """The held-out label rows of --task as the model reads them: (rows, prompts, prs, prs_mask); the
     scores (zero where not genotyped) only with --prs."""
@@ -195,13 +206,7 @@ def held_out_rows(args, model, tokenizer, standardizer):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True, help="the tokenized folder the model was pretrained on")
-    ap.add_argument("--cohort", required=True, help="the simulated cohort (meds/, prs.parquet, labels/)")
-    ap.add_argument("--task", default="t2d")
-    ap.add_argument("--codes", nargs="+", default=["ICD10CM/E11*"])
-    ap.add_argument("--horizon-days", type=float, default=730)
-    ap.add_argument("--prs", action="store_true", help="fit and use a PRS term (genotyped persons)")
+    add_common_arguments(ap)
     ap.add_argument("--limit", type=int, default=None, help="training sequences read (default all)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()

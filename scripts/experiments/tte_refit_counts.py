@@ -163,13 +163,7 @@ def held_out_inputs(model, prompts, prs, prs_mask, features: RecordFeatures, pad
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True, help="the tokenized folder the model was pretrained on")
-    ap.add_argument("--cohort", required=True, help="the simulated cohort (meds/, prs.parquet, labels/)")
-    ap.add_argument("--task", default="t2d")
-    ap.add_argument("--codes", nargs="+", default=["ICD10CM/E11*"])
-    ap.add_argument("--horizon-days", type=float, default=730)
-    ap.add_argument("--prs", action="store_true", help="fit and use a PRS term (genotyped persons)")
+    refit.add_common_arguments(ap)
     ap.add_argument("--lambdas-prs", type=float, nargs="+", default=[1e-3, 1e-2, 1e-1],
                     help="ridge grid on the PRS term (with --prs)")
     ap.add_argument("--out", required=True)
